@@ -1,0 +1,16 @@
+//! XMPP protocol building blocks shared by the confab server and federation:
+//! an incremental XML stream parser, an owned element tree, stanza and stream
+//! errors, SASL message handling and JIDs. Nothing here does I/O.
+
+pub mod element;
+pub mod error;
+pub mod ns;
+pub mod parser;
+pub mod sasl;
+
+pub use element::{Element, Node};
+pub use error::{ErrorType, StanzaError, StanzaErrorCondition, StreamError, StreamErrorCondition};
+pub use parser::{ParserLimits, StreamEvent, StreamHeader, StreamParser, XmlError};
+
+/// JIDs are prepared (RFC 7622 / stringprep profiles) by the `jid` crate of xmpp-rs.
+pub use jid;
