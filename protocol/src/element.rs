@@ -1,1 +1,544 @@
+//! An owned XML element tree and its serializer.
+//!
+//! Every stanza confab forwards is re-serialized from this tree, never copied
+//! from the peer's bytes, so the serializer is a security boundary: whatever a
+//! text node or attribute value contains, the output must be well-formed XML
+//! that re-parses to the same tree (RFC 6120 §11.1 requires well-formed XML on
+//! the wire, and §13.3 warns about injection through stanza content).
+//!
+//! Names are stored without prefixes: elements carry their namespace URI
+//! (RFC 6120 §4.8 makes prefixes meaningless beyond the document), attributes
+//! are stored as follows:
+//! - attributes without a prefix under their plain name (`to`, `type`, …);
+//! - attributes in the `xml` namespace as `xml:local` (`xml:lang`), because that
+//!   prefix is fixed by XML Namespaces 1.0 §3 and can never be redeclared;
+//! - attributes in any other namespace as `{namespace-uri}local`; the serializer
+//!   declares a generated prefix for them on the element that carries them.
+//!
+//! Namespace declarations (`xmlns`, `xmlns:p`) are not attributes: the
+//! serializer derives them from the element namespaces.
 
+use crate::ns;
+use crate::parser::XmlError;
+use std::fmt;
+
+/// An XML element: local name, namespace URI, attributes and child nodes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Element {
+    name: String,
+    ns: String,
+    attrs: Vec<(String, String)>,
+    children: Vec<Node>,
+}
+
+/// A child of an element: another element or character data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Node {
+    Element(Element),
+    Text(String),
+}
+
+impl Element {
+    /// A new, empty element. `name` is the local name (no prefix) and must be a
+    /// valid XML name; names come from code or from the parser, never from
+    /// peer-supplied text content.
+    pub fn new(name: impl Into<String>, ns: impl Into<String>) -> Self {
+        Element {
+            name: name.into(),
+            ns: ns.into(),
+            attrs: Vec::new(),
+            children: Vec::new(),
+        }
+    }
+
+    /// Builder form of [`Element::set_attr`].
+    #[must_use]
+    pub fn with_attr(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.set_attr(name, value);
+        self
+    }
+
+    /// Builder form of [`Element::append_child`].
+    #[must_use]
+    pub fn with_child(mut self, child: Element) -> Self {
+        self.children.push(Node::Element(child));
+        self
+    }
+
+    /// Builder form of [`Element::append_text`].
+    #[must_use]
+    pub fn with_text(mut self, text: impl Into<String>) -> Self {
+        self.append_text(text);
+        self
+    }
+
+    /// The local name, without any prefix.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The namespace URI ("" for no namespace).
+    pub fn ns(&self) -> &str {
+        &self.ns
+    }
+
+    /// Changes the namespace URI, e.g. to move a stanza between `jabber:client`
+    /// and `jabber:server` when routing across a federation link (RFC 6120 §4.8.3).
+    pub fn set_ns(&mut self, ns: impl Into<String>) {
+        self.ns = ns.into();
+    }
+
+    /// Whether this element has the given local name and namespace.
+    pub fn is(&self, name: &str, ns: &str) -> bool {
+        self.name == name && self.ns == ns
+    }
+
+    /// The value of an attribute (see the module docs for how names are stored).
+    pub fn attr(&self, name: &str) -> Option<&str> {
+        self.attrs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Sets an attribute, replacing an existing one of the same name.
+    pub fn set_attr(&mut self, name: impl Into<String>, value: impl Into<String>) {
+        let name = name.into();
+        let value = value.into();
+        match self.attrs.iter_mut().find(|(n, _)| *n == name) {
+            Some(slot) => slot.1 = value,
+            None => self.attrs.push((name, value)),
+        }
+    }
+
+    /// Removes an attribute, returning its value.
+    pub fn remove_attr(&mut self, name: &str) -> Option<String> {
+        let idx = self.attrs.iter().position(|(n, _)| n == name)?;
+        Some(self.attrs.remove(idx).1)
+    }
+
+    /// Replaces all attributes at once; the parser has already checked the
+    /// names are unique (avoids the quadratic cost of `set_attr` on a hostile
+    /// tag with thousands of attributes).
+    pub(crate) fn set_attrs_unchecked(&mut self, attrs: Vec<(String, String)>) {
+        self.attrs = attrs;
+    }
+
+    /// All attributes, in document order.
+    pub fn attrs(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.attrs.iter().map(|(n, v)| (n.as_str(), v.as_str()))
+    }
+
+    /// All child nodes, elements and text, in document order.
+    pub fn nodes(&self) -> &[Node] {
+        &self.children
+    }
+
+    /// Mutable access to the child nodes.
+    pub fn nodes_mut(&mut self) -> &mut Vec<Node> {
+        &mut self.children
+    }
+
+    /// The element children, skipping text.
+    pub fn children(&self) -> impl Iterator<Item = &Element> {
+        self.children.iter().filter_map(|n| match n {
+            Node::Element(e) => Some(e),
+            Node::Text(_) => None,
+        })
+    }
+
+    /// The element children, mutably.
+    pub fn children_mut(&mut self) -> impl Iterator<Item = &mut Element> {
+        self.children.iter_mut().filter_map(|n| match n {
+            Node::Element(e) => Some(e),
+            Node::Text(_) => None,
+        })
+    }
+
+    /// The first child element with this name and namespace.
+    pub fn get_child(&self, name: &str, ns: &str) -> Option<&Element> {
+        self.children().find(|e| e.is(name, ns))
+    }
+
+    /// The first child element with this name and namespace, mutably.
+    pub fn get_child_mut(&mut self, name: &str, ns: &str) -> Option<&mut Element> {
+        self.children_mut().find(|e| e.is(name, ns))
+    }
+
+    /// Whether a child element with this name and namespace exists.
+    pub fn has_child(&self, name: &str, ns: &str) -> bool {
+        self.get_child(name, ns).is_some()
+    }
+
+    /// The first child element, whatever its name (e.g. the payload of an iq,
+    /// RFC 6120 §8.2.3).
+    pub fn first_child(&self) -> Option<&Element> {
+        self.children().next()
+    }
+
+    /// Appends a child element and returns a reference to it, so that callers
+    /// can keep building inside it.
+    pub fn append_child(&mut self, child: Element) -> &mut Element {
+        self.children.push(Node::Element(child));
+        match self.children.last_mut() {
+            Some(Node::Element(e)) => e,
+            // The element was pushed on the line above.
+            _ => unreachable!("last node is the element just pushed"),
+        }
+    }
+
+    /// Appends character data. Adjacent text is merged into one node, so that a
+    /// parsed tree (where CDATA sections and references split text) compares
+    /// equal to a built one.
+    pub fn append_text(&mut self, text: impl Into<String>) {
+        let text = text.into();
+        if text.is_empty() {
+            return;
+        }
+        match self.children.last_mut() {
+            Some(Node::Text(t)) => t.push_str(&text),
+            _ => self.children.push(Node::Text(text)),
+        }
+    }
+
+    /// Removes and returns the first child element with this name and namespace.
+    pub fn remove_child(&mut self, name: &str, ns: &str) -> Option<Element> {
+        let idx = self
+            .children
+            .iter()
+            .position(|n| matches!(n, Node::Element(e) if e.is(name, ns)))?;
+        match self.children.remove(idx) {
+            Node::Element(e) => Some(e),
+            Node::Text(_) => None,
+        }
+    }
+
+    /// Removes every child element with this name and namespace.
+    pub fn remove_children(&mut self, name: &str, ns: &str) {
+        self.children
+            .retain(|n| !matches!(n, Node::Element(e) if e.is(name, ns)));
+    }
+
+    /// The concatenation of the direct text children.
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        for n in &self.children {
+            if let Node::Text(t) = n {
+                out.push_str(t);
+            }
+        }
+        out
+    }
+
+    /// Serializes the element. `parent_ns` is the default namespace in scope
+    /// where the output is inserted (for stanzas: the stream's default
+    /// namespace, RFC 6120 §4.8.3); `xmlns` is only written where an element's
+    /// namespace differs from the one in scope.
+    pub fn write_to(&self, out: &mut Vec<u8>, parent_ns: &str) {
+        out.push(b'<');
+        out.extend_from_slice(self.name.as_bytes());
+        if self.ns != parent_ns {
+            out.extend_from_slice(b" xmlns='");
+            escape_attr(&self.ns, out);
+            out.push(b'\'');
+        }
+        // Namespaced attributes get a prefix declared on this very element;
+        // the element itself always uses the default namespace, so generated
+        // prefixes never clash with element names.
+        let mut prefixes: Vec<&str> = Vec::new();
+        for (name, _) in &self.attrs {
+            if let Some((uri, _)) = split_clark(name) {
+                if !uri.is_empty() && uri != ns::XML && !prefixes.contains(&uri) {
+                    out.extend_from_slice(format!(" xmlns:ns{}='", prefixes.len()).as_bytes());
+                    escape_attr(uri, out);
+                    out.push(b'\'');
+                    prefixes.push(uri);
+                }
+            }
+        }
+        for (name, value) in &self.attrs {
+            // Declarations are generated above; a stray "xmlns" attribute set by
+            // code would produce a duplicate or conflicting declaration.
+            if name == "xmlns" || name.starts_with("xmlns:") {
+                continue;
+            }
+            out.push(b' ');
+            match split_clark(name) {
+                // No namespace: the plain name (prefixes cannot be bound to "").
+                Some(("", local)) => out.extend_from_slice(local.as_bytes()),
+                Some((uri, local)) if uri == ns::XML => {
+                    out.extend_from_slice(b"xml:");
+                    out.extend_from_slice(local.as_bytes());
+                }
+                Some((uri, local)) => {
+                    let idx = prefixes.iter().position(|p| *p == uri).unwrap_or(0);
+                    out.extend_from_slice(format!("ns{idx}:").as_bytes());
+                    out.extend_from_slice(local.as_bytes());
+                }
+                None => out.extend_from_slice(name.as_bytes()),
+            }
+            out.extend_from_slice(b"='");
+            escape_attr(value, out);
+            out.push(b'\'');
+        }
+        if self.children.is_empty() {
+            out.extend_from_slice(b"/>");
+            return;
+        }
+        out.push(b'>');
+        for child in &self.children {
+            match child {
+                Node::Element(e) => e.write_to(out, &self.ns),
+                Node::Text(t) => escape_text(t, out),
+            }
+        }
+        out.extend_from_slice(b"</");
+        out.extend_from_slice(self.name.as_bytes());
+        out.push(b'>');
+    }
+
+    /// Serializes to a string; see [`Element::write_to`].
+    pub fn to_xml(&self, parent_ns: &str) -> String {
+        let mut out = Vec::new();
+        self.write_to(&mut out, parent_ns);
+        // Everything written is either a &str or ASCII, so this cannot fail;
+        // the lossy conversion avoids a panic path anyway.
+        match String::from_utf8(out) {
+            Ok(s) => s,
+            Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+        }
+    }
+
+    /// Parses one complete element (surrounding whitespace allowed) with the
+    /// same restrictions as the stream parser (RFC 6120 §11.1): no DTD,
+    /// comments, processing instructions or undefined entities. Used for
+    /// stored XML and in tests. No XML declaration is accepted (it would be a
+    /// processing instruction here); the depth limit is the stream parser's
+    /// default, the size is not limited since the input is already in memory.
+    pub fn parse(xml: &str) -> Result<Element, XmlError> {
+        crate::parser::parse_element(xml)
+    }
+}
+
+impl fmt::Display for Element {
+    /// The element as a standalone document fragment: the root always
+    /// declares its namespace.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_xml(""))
+    }
+}
+
+/// Splits a `{uri}local` attribute name.
+fn split_clark(name: &str) -> Option<(&str, &str)> {
+    let rest = name.strip_prefix('{')?;
+    rest.split_once('}')
+}
+
+/// Whether `c` is a character allowed in an XML 1.0 document (XML 1.0 §2.2,
+/// production [2] `Char`).
+pub(crate) fn is_xml_char(c: char) -> bool {
+    matches!(c,
+        '\u{9}' | '\u{A}' | '\u{D}'
+        | '\u{20}'..='\u{D7FF}'
+        | '\u{E000}'..='\u{FFFD}'
+        | '\u{10000}'..='\u{10FFFF}')
+}
+
+/// Characters that XML 1.0 cannot represent at all, not even as character
+/// references, are replaced by U+FFFD so the output stays well-formed.
+fn escape_into(s: &str, out: &mut Vec<u8>, attr: bool) {
+    let mut buf = [0u8; 4];
+    for c in s.chars() {
+        let rep: &[u8] = match c {
+            '&' => b"&amp;",
+            '<' => b"&lt;",
+            '>' => b"&gt;",
+            // A literal CR would be turned into LF by end-of-line handling
+            // (XML 1.0 §2.11), so it is written as a reference in text too.
+            '\r' => b"&#xD;",
+            '"' if attr => b"&quot;",
+            '\'' if attr => b"&apos;",
+            // Attribute-value normalization (XML 1.0 §3.3.3) would turn
+            // literal tabs and newlines into spaces.
+            '\t' if attr => b"&#x9;",
+            '\n' if attr => b"&#xA;",
+            c if !is_xml_char(c) => "\u{FFFD}".as_bytes(),
+            c => c.encode_utf8(&mut buf).as_bytes(),
+        };
+        out.extend_from_slice(rep);
+    }
+}
+
+fn escape_text(s: &str, out: &mut Vec<u8>) {
+    escape_into(s, out, false);
+}
+
+fn escape_attr(s: &str, out: &mut Vec<u8>) {
+    escape_into(s, out, true);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Element {
+        Element::new("message", ns::CLIENT)
+            .with_attr("to", "juliet@example.com")
+            .with_attr("type", "chat")
+            .with_child(Element::new("body", ns::CLIENT).with_text("Art thou not Romeo?"))
+            .with_child(Element::new(
+                "active",
+                "http://jabber.org/protocol/chatstates",
+            ))
+    }
+
+    #[test]
+    fn builder_and_accessors() {
+        let mut m = sample();
+        assert!(m.is("message", ns::CLIENT));
+        assert_eq!(m.attr("to"), Some("juliet@example.com"));
+        m.set_attr("to", "romeo@example.net");
+        assert_eq!(m.attr("to"), Some("romeo@example.net"));
+        assert_eq!(m.attrs().count(), 2);
+        assert_eq!(m.remove_attr("type").as_deref(), Some("chat"));
+        assert_eq!(m.attr("type"), None);
+        assert_eq!(
+            m.get_child("body", ns::CLIENT).map(|b| b.text()),
+            Some("Art thou not Romeo?".to_string())
+        );
+        assert!(m.has_child("active", "http://jabber.org/protocol/chatstates"));
+        assert!(!m.has_child("body", ns::SERVER));
+        assert_eq!(m.first_child().map(|c| c.name()), Some("body"));
+        m.append_child(Element::new("x", "urn:x"))
+            .set_attr("a", "b");
+        assert_eq!(
+            m.get_child("x", "urn:x").and_then(|x| x.attr("a")),
+            Some("b")
+        );
+        if let Some(x) = m.get_child_mut("x", "urn:x") {
+            x.set_ns("urn:y");
+        }
+        assert!(m.has_child("x", "urn:y"));
+        assert!(m.remove_child("x", "urn:y").is_some());
+        assert!(m.remove_child("x", "urn:y").is_none());
+        m.append_child(Element::new("d", "urn:d"));
+        m.append_child(Element::new("d", "urn:d"));
+        m.remove_children("d", "urn:d");
+        assert_eq!(m.children().count(), 2);
+        assert_eq!(m.children_mut().count(), 2);
+    }
+
+    #[test]
+    fn text_is_merged_and_concatenated() {
+        let mut e = Element::new("a", "").with_text("x").with_text("y");
+        assert_eq!(e.nodes().len(), 1);
+        e.append_child(Element::new("b", "").with_text("inner"));
+        e.append_text("z");
+        e.append_text("");
+        assert_eq!(e.nodes().len(), 3);
+        assert_eq!(e.text(), "xyz");
+        e.nodes_mut().clear();
+        assert_eq!(e.text(), "");
+    }
+
+    #[test]
+    fn serialization_of_namespaces() {
+        let m = sample();
+        assert_eq!(
+            m.to_xml(ns::CLIENT),
+            "<message to='juliet@example.com' type='chat'><body>Art thou not Romeo?</body>\
+             <active xmlns='http://jabber.org/protocol/chatstates'/></message>"
+        );
+        assert!(m
+            .to_string()
+            .starts_with("<message xmlns='jabber:client' to="));
+        // A child in no namespace under a namespaced parent must undeclare.
+        let e = Element::new("a", "urn:a").with_child(Element::new("b", ""));
+        assert_eq!(e.to_xml("urn:a"), "<a><b xmlns=''/></a>");
+        assert_eq!(Element::parse(&e.to_string()), Ok(e));
+    }
+
+    #[test]
+    fn namespaced_attributes() {
+        let e = Element::new("a", "urn:a")
+            .with_attr("xml:lang", "en")
+            .with_attr("{urn:p}x", "1")
+            .with_attr("{urn:q}y", "2")
+            .with_attr("{urn:p}z", "3")
+            .with_attr(format!("{{{}}}space", ns::XML), "preserve");
+        let xml = e.to_string();
+        assert_eq!(
+            xml,
+            "<a xmlns='urn:a' xmlns:ns0='urn:p' xmlns:ns1='urn:q' xml:lang='en' ns0:x='1' \
+             ns1:y='2' ns0:z='3' xml:space='preserve'/>"
+        );
+        let back = Element::parse(&xml).expect("parse");
+        assert_eq!(back.attr("xml:lang"), Some("en"));
+        assert_eq!(back.attr("{urn:p}x"), Some("1"));
+        assert_eq!(back.attr("{urn:q}y"), Some("2"));
+        // xml-namespace attributes come back in their fixed-prefix form.
+        assert_eq!(back.attr("xml:space"), Some("preserve"));
+    }
+
+    #[test]
+    fn stray_xmlns_attributes_are_not_serialized() {
+        let e = Element::new("a", "urn:a")
+            .with_attr("xmlns", "urn:evil")
+            .with_attr("xmlns:p", "urn:evil");
+        assert_eq!(e.to_string(), "<a xmlns='urn:a'/>");
+    }
+
+    const ADVERSARIAL: &[&str] = &[
+        "",
+        "plain",
+        "<script>alert(1)</script>",
+        "a & b &amp; &lt; &#0; &foo;",
+        "'\"'\"",
+        "]]>",
+        "<![CDATA[x]]>",
+        "</body></message><message to='evil'>",
+        "' onload='x",
+        "\" x=\"",
+        "tab\tnl\ncr\rcrlf\r\n",
+        "\u{0}\u{1}\u{8}\u{B}\u{C}\u{1F}\u{FFFE}\u{FFFF}",
+        "unicode: é ☃ 𝄞 \u{FEFF}",
+        "<?xml version='1.0'?><!DOCTYPE x [<!ENTITY a 'b'>]>",
+        "<!-- comment -->",
+    ];
+
+    #[test]
+    fn escaping_round_trips_adversarial_strings() {
+        for s in ADVERSARIAL {
+            let expected: String = s
+                .chars()
+                .map(|c| if is_xml_char(c) { c } else { '\u{FFFD}' })
+                .collect();
+            let e = Element::new("message", ns::CLIENT)
+                .with_attr("id", *s)
+                .with_attr("{urn:x}a", *s)
+                .with_child(Element::new("body", ns::CLIENT).with_text(*s));
+            let xml = e.to_string();
+            let back = Element::parse(&xml).unwrap_or_else(|err| panic!("{s:?}: {err} in {xml}"));
+            assert_eq!(back.attr("id"), Some(expected.as_str()), "{xml}");
+            assert_eq!(back.attr("{urn:x}a"), Some(expected.as_str()), "{xml}");
+            let body = back.get_child("body", ns::CLIENT).map(Element::text);
+            assert_eq!(body.as_deref(), Some(expected.as_str()), "{xml}");
+            if expected == **s {
+                assert_eq!(back, e);
+            }
+        }
+    }
+
+    #[test]
+    fn round_trip_nested() {
+        let xml =
+            "<iq xmlns='jabber:client' type='result' id='r1'><query xmlns='jabber:iq:roster' \
+                   ver='v2'><item jid='a@b' name='A &amp; B'><group>Friends</group></item>\
+                   <item jid='c@d' subscription='both'/></query></iq>";
+        let e = Element::parse(xml).expect("parse");
+        assert_eq!(e.to_string(), xml);
+        assert_eq!(Element::parse(&e.to_xml("")), Ok(e.clone()));
+        let q = e.get_child("query", ns::ROSTER).expect("query");
+        assert_eq!(q.children().count(), 2);
+    }
+}

@@ -1,1 +1,15 @@
+//! confab, a federated XMPP server: the library behind the `confab` binary.
 
+pub mod accounts;
+pub mod c2s;
+pub mod config;
+pub mod jid;
+pub mod modules;
+pub mod router;
+pub mod routing;
+pub mod server;
+pub mod stanza;
+pub mod tls;
+
+pub use config::Config;
+pub use server::{RunningServer, Server};

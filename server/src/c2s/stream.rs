@@ -1,0 +1,723 @@
+//! One client stream from TCP accept to close: STARTTLS, SASL, resource binding, then
+//! stanzas in both directions (RFC 6120 §4–§7).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use confab_protocol::sasl::{
+    decode_payload, encode_payload, parse_plain, verify_password, ChannelBindings, ScramHash,
+    ScramServer,
+};
+use confab_protocol::{
+    ns, Element, ParserLimits, StanzaErrorCondition, StreamError, StreamErrorCondition as SErr,
+    StreamEvent, StreamParser,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::sasl::{channel_binding_element, failure, mechanisms, mechanisms_element};
+use super::Conn;
+use crate::accounts::keys_for;
+use crate::jid::{prepare_resource, Addr};
+use crate::modules::presence;
+use crate::router::{SessionHandle, SessionReceiver, ToSession};
+use crate::routing::is_stanza;
+use crate::server::Server;
+use crate::stanza;
+
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+const READ_BUFFER: usize = 16 * 1024;
+/// Stanzas written in one batch before the socket is flushed.
+const WRITE_BATCH: usize = 64;
+/// Resources one account may bind at the same time (RFC 6120 §7.6.2.1 resource-constraint).
+const MAX_RESOURCES: usize = 64;
+
+/// How a stream ends.
+enum End {
+    /// The peer sent `</stream:stream>`: answer with ours and close.
+    PeerClosed,
+    /// The TCP connection is gone (or unusable): nothing more to write.
+    Eof,
+    /// We close the stream with this error.
+    Stream(StreamError),
+}
+
+impl End {
+    fn error(condition: SErr, text: &str) -> End {
+        End::Stream(StreamError::new(condition).with_text(text))
+    }
+}
+
+enum Sasl {
+    Success { bare: String, data: Option<Vec<u8>> },
+    Failure(&'static str),
+}
+
+struct C2sStream {
+    server: Arc<Server>,
+    conn: Conn,
+    peer: SocketAddr,
+    parser: StreamParser,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+    header_sent: bool,
+    domain: Option<String>,
+    /// The authenticated account's bare JID.
+    authenticated: Option<String>,
+    auth_failures: u32,
+}
+
+/// Serves one connection to its end.
+pub(super) async fn run(server: Arc<Server>, tcp: TcpStream, peer: SocketAddr, direct_tls: bool) {
+    let conn = if direct_tls {
+        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, server.tls.accept(tcp)).await {
+            Ok(Ok(s)) => Conn::Tls(Box::new(s)),
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => return,
+        }
+    } else {
+        Conn::Plain(tcp)
+    };
+    let limits = ParserLimits {
+        max_stanza_size: server.config.limits.max_stanza_size,
+        max_depth: server.config.limits.max_depth,
+    };
+    let mut s = C2sStream {
+        server: server.clone(),
+        conn,
+        peer,
+        parser: StreamParser::new(limits),
+        buf: vec![0; READ_BUFFER],
+        out: Vec::with_capacity(4096),
+        header_sent: false,
+        domain: None,
+        authenticated: None,
+        auth_failures: 0,
+    };
+    let login_timeout = Duration::from_secs(server.config.limits.login_timeout_secs);
+    let bound = match tokio::time::timeout(login_timeout, s.negotiate()).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(end)) => return s.finish(end).await,
+        Err(_) => {
+            return s
+                .finish(End::error(SErr::ConnectionTimeout, "no login in time"))
+                .await
+        }
+    };
+    let (handle, receiver) = bound;
+    tracing::info!(jid = %handle.full_jid(), peer = %s.peer, tls = s.conn.is_tls(), "session started");
+    let end = s.session(&handle, receiver).await;
+    if let Some(state) = server.router.unbind(&handle) {
+        presence::session_ended(&server, &handle, state).await;
+    }
+    tracing::info!(jid = %handle.full_jid(), "session ended");
+    s.finish(end).await;
+}
+
+impl C2sStream {
+    // ---- reading and writing -------------------------------------------------------
+
+    async fn next_event(&mut self) -> Result<StreamEvent, End> {
+        loop {
+            match self.parser.next_event() {
+                Ok(Some(ev)) => return Ok(ev),
+                Ok(None) => {}
+                Err(e) => return Err(End::Stream(StreamError::new(e.condition()).with_text(e.to_string()))),
+            }
+            let n = self.conn.read(&mut self.buf).await.map_err(|_| End::Eof)?;
+            let Some(chunk) = self.buf.get(..n).filter(|c| !c.is_empty()) else {
+                return Err(End::Eof);
+            };
+            self.parser.feed(chunk);
+        }
+    }
+
+    async fn write_bytes(&mut self, data: &[u8]) -> Result<(), End> {
+        let conn = &mut self.conn;
+        let write = async {
+            conn.write_all(data).await?;
+            conn.flush().await
+        };
+        match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(End::Eof),
+        }
+    }
+
+    async fn write_element(&mut self, e: &Element) -> Result<(), End> {
+        let mut out = std::mem::take(&mut self.out);
+        out.clear();
+        e.write_to(&mut out, ns::CLIENT);
+        let r = self.write_bytes(&out).await;
+        self.out = out;
+        r
+    }
+
+    /// Writes a child of the stream in the stream namespace with the `stream:` prefix,
+    /// the form every client library recognises (RFC 6120 §4.8.1).
+    fn stream_child(name: &str, children: &[Element]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(format!("<stream:{name}>").as_bytes());
+        for c in children {
+            c.write_to(&mut out, ns::STREAM);
+        }
+        out.extend_from_slice(format!("</stream:{name}>").as_bytes());
+        out
+    }
+
+    async fn send_header(&mut self, lang: Option<&str>) -> Result<(), End> {
+        let from = self
+            .domain
+            .clone()
+            .or_else(|| self.server.config.domains.first().cloned())
+            .unwrap_or_default();
+        let lang = lang
+            .filter(|l| !l.is_empty() && l.len() < 36 && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+            .unwrap_or("en");
+        let header = format!(
+            "<?xml version='1.0'?><stream:stream xmlns='{}' xmlns:stream='{}' id='{}' from='{}' version='1.0' xml:lang='{}'>",
+            ns::CLIENT,
+            ns::STREAM,
+            stanza::random_id(),
+            escape_attr(&from),
+            lang
+        );
+        self.header_sent = true;
+        self.write_bytes(header.as_bytes()).await
+    }
+
+    async fn finish(mut self, end: End) {
+        let data = match end {
+            End::Eof => return,
+            End::PeerClosed => b"</stream:stream>".to_vec(),
+            End::Stream(err) => {
+                tracing::debug!(peer = %self.peer, error = %err, "closing stream with an error");
+                if !self.header_sent {
+                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.send_header(None)).await;
+                }
+                let mut data = Self::stream_child("error", &err.to_element().children().cloned().collect::<Vec<_>>());
+                data.extend_from_slice(b"</stream:stream>");
+                data
+            }
+        };
+        let conn = &mut self.conn;
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            conn.write_all(&data).await?;
+            conn.flush().await?;
+            conn.shutdown().await
+        })
+        .await;
+    }
+
+    // ---- negotiation -----------------------------------------------------------------
+
+    /// Runs stream negotiation up to a bound resource.
+    async fn negotiate(&mut self) -> Result<(SessionHandle, SessionReceiver), End> {
+        loop {
+            self.open_stream().await?;
+            loop {
+                let el = match self.next_event().await? {
+                    StreamEvent::Element(e) => e,
+                    StreamEvent::Close => return Err(End::PeerClosed),
+                    StreamEvent::Open(_) => return Err(End::error(SErr::NotWellFormed, "unexpected stream header")),
+                };
+                if self.authenticated.is_none() {
+                    if el.is("starttls", ns::TLS) {
+                        self.starttls().await?;
+                        break;
+                    }
+                    if el.is("auth", ns::SASL) {
+                        if self.sasl(el).await? {
+                            break;
+                        }
+                        continue;
+                    }
+                    if is_stanza(&el) {
+                        return Err(End::error(SErr::NotAuthorized, "authenticate first"));
+                    }
+                    return Err(End::error(SErr::UnsupportedStanzaType, "unexpected element"));
+                }
+                if el.is("iq", ns::CLIENT) && el.get_child("bind", ns::BIND).is_some() {
+                    if let Some(bound) = self.bind(&el).await? {
+                        return Ok(bound);
+                    }
+                    continue;
+                }
+                if is_stanza(&el) {
+                    return Err(End::error(SErr::NotAuthorized, "bind a resource first"));
+                }
+                return Err(End::error(SErr::UnsupportedStanzaType, "unexpected element"));
+            }
+        }
+    }
+
+    /// Waits for the client's stream header, answers it and offers features.
+    async fn open_stream(&mut self) -> Result<(), End> {
+        let header = match self.next_event().await? {
+            StreamEvent::Open(h) => h,
+            _ => return Err(End::error(SErr::NotWellFormed, "expected a stream header")),
+        };
+        let to = header
+            .to
+            .as_deref()
+            .and_then(|t| Addr::parse(t).ok())
+            .filter(|a| a.node.is_none() && a.resource.is_none())
+            .map(|a| a.domain);
+        let served = to.clone().filter(|d| self.server.is_local_domain(d));
+        if self.domain.is_none() {
+            self.domain = served.clone();
+        }
+        // RFC 6120 §4.9.1.2: the header goes out first, even when an error follows.
+        self.send_header(header.lang.as_deref()).await?;
+        if header.default_ns != ns::CLIENT {
+            return Err(End::error(SErr::InvalidNamespace, "this is a client port: use jabber:client"));
+        }
+        let major = header
+            .version
+            .as_deref()
+            .and_then(|v| v.split('.').next())
+            .and_then(|m| m.parse::<u32>().ok());
+        if major != Some(1) {
+            return Err(End::error(SErr::UnsupportedVersion, "XMPP 1.0 is required"));
+        }
+        match (served, &self.domain) {
+            (Some(d), Some(ours)) if &d == ours => {}
+            _ => {
+                return Err(End::error(
+                    SErr::HostUnknown,
+                    &format!("this server does not serve {}", to.unwrap_or_default()),
+                ))
+            }
+        }
+        let features = self.features();
+        let bytes = Self::stream_child("features", &features);
+        self.write_bytes(&bytes).await
+    }
+
+    fn features(&self) -> Vec<Element> {
+        let tls = self.conn.is_tls();
+        let require = self.server.config.c2s.require_encryption;
+        let mut f = Vec::new();
+        if self.authenticated.is_none() {
+            if !tls {
+                let mut starttls = Element::new("starttls", ns::TLS);
+                if require {
+                    starttls.append_child(Element::new("required", ns::TLS));
+                }
+                f.push(starttls);
+            }
+            if tls || !require {
+                f.push(mechanisms_element(tls));
+            }
+            if tls {
+                f.push(channel_binding_element(self.channel_bindings().tls_exporter.is_some()));
+            }
+        } else {
+            f.push(Element::new("bind", ns::BIND));
+            // RFC 6121 Appendix E: legacy session establishment, optional.
+            f.push(Element::new("session", ns::SESSION).with_child(Element::new("optional", ns::SESSION)));
+            f.push(Element::new("ver", ns::ROSTERVER));
+            f.push(Element::new("sub", ns::PRE_APPROVAL));
+        }
+        f
+    }
+
+    async fn starttls(&mut self) -> Result<(), End> {
+        if self.conn.is_tls() {
+            return Err(End::error(SErr::PolicyViolation, "TLS is already in place"));
+        }
+        self.write_bytes(format!("<proceed xmlns='{}'/>", ns::TLS).as_bytes()).await?;
+        let Conn::Plain(tcp) = std::mem::replace(&mut self.conn, Conn::Gone) else {
+            return Err(End::Eof);
+        };
+        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, self.server.tls.accept(tcp)).await {
+            Ok(Ok(tls)) => self.conn = Conn::Tls(Box::new(tls)),
+            _ => return Err(End::Eof),
+        }
+        // RFC 6120 §5.4.3.3: anything the client sent before the handshake is discarded,
+        // so no plaintext can be injected into the protected stream.
+        self.parser.reset();
+        self.header_sent = false;
+        Ok(())
+    }
+
+    fn channel_bindings(&self) -> ChannelBindings {
+        let Conn::Tls(s) = &self.conn else {
+            return ChannelBindings::default();
+        };
+        let (_, tls) = s.get_ref();
+        // RFC 9266: tls-exporter is defined for TLS 1.3 (and 1.2 with EMS; we keep to 1.3).
+        let tls_exporter = if tls.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3) {
+            tls.export_keying_material([0u8; 32], b"EXPORTER-Channel-Binding", None)
+                .ok()
+                .map(|k| k.to_vec())
+        } else {
+            None
+        };
+        let cert = self.server.certs.for_name(tls.server_name());
+        ChannelBindings {
+            tls_exporter,
+            tls_server_end_point: Some(cert.end_point_hash.clone()),
+        }
+    }
+
+    /// Runs one SASL exchange; true on success (the stream then restarts).
+    async fn sasl(&mut self, auth: Element) -> Result<bool, End> {
+        let tls = self.conn.is_tls();
+        let outcome = if !tls && self.server.config.c2s.require_encryption {
+            Sasl::Failure("encryption-required")
+        } else {
+            let mechanism = auth.attr("mechanism").unwrap_or("").to_string();
+            if !mechanisms(tls).contains(&mechanism.as_str()) {
+                Sasl::Failure("invalid-mechanism")
+            } else {
+                let text = auth.text();
+                let initial = match text.trim() {
+                    "" => None,
+                    t => match decode_payload(t) {
+                        Ok(d) => Some(d),
+                        Err(_) => {
+                            return self.sasl_failed("incorrect-encoding").await;
+                        }
+                    },
+                };
+                if mechanism == "PLAIN" {
+                    self.sasl_plain(initial).await?
+                } else {
+                    match ScramHash::from_mechanism(&mechanism) {
+                        Some((hash, plus)) => self.sasl_scram(hash, plus, initial).await?,
+                        None => Sasl::Failure("invalid-mechanism"),
+                    }
+                }
+            }
+        };
+        match outcome {
+            Sasl::Success { bare, data } => {
+                let mut success = Element::new("success", ns::SASL);
+                if let Some(d) = data {
+                    success.append_text(encode_payload(&d));
+                }
+                self.write_element(&success).await?;
+                tracing::debug!(%bare, peer = %self.peer, "authenticated");
+                self.authenticated = Some(bare);
+                self.parser.reset();
+                self.header_sent = false;
+                Ok(true)
+            }
+            Sasl::Failure(condition) => self.sasl_failed(condition).await,
+        }
+    }
+
+    async fn sasl_failed(&mut self, condition: &'static str) -> Result<bool, End> {
+        self.write_element(&failure(condition)).await?;
+        if condition != "aborted" {
+            self.auth_failures += 1;
+            tracing::info!(peer = %self.peer, condition, "authentication failed");
+        }
+        // RFC 6120 §6.4.5: a few retries, then the connection is closed.
+        if self.auth_failures >= self.server.config.auth.max_failures_per_stream {
+            return Err(End::error(SErr::PolicyViolation, "too many failed authentication attempts"));
+        }
+        Ok(false)
+    }
+
+    /// Reads the client's next SASL `<response/>`; None if it aborted.
+    async fn sasl_response(&mut self) -> Result<Result<Vec<u8>, &'static str>, End> {
+        let el = match self.next_event().await? {
+            StreamEvent::Element(e) => e,
+            StreamEvent::Close => return Err(End::PeerClosed),
+            StreamEvent::Open(_) => return Err(End::error(SErr::NotWellFormed, "unexpected stream header")),
+        };
+        if el.is("abort", ns::SASL) {
+            return Ok(Err("aborted"));
+        }
+        if !el.is("response", ns::SASL) {
+            return Err(End::error(SErr::NotAuthorized, "authentication in progress"));
+        }
+        Ok(decode_payload(el.text().trim()).map_err(|_| "incorrect-encoding"))
+    }
+
+    async fn challenge(&mut self, data: &[u8]) -> Result<(), End> {
+        let mut c = Element::new("challenge", ns::SASL);
+        if !data.is_empty() {
+            c.append_text(encode_payload(data));
+        }
+        self.write_element(&c).await
+    }
+
+    /// The initial response, asking for it with an empty challenge when absent (RFC 6120 §6.4.2).
+    async fn initial_response(&mut self, initial: Option<Vec<u8>>) -> Result<Result<Vec<u8>, &'static str>, End> {
+        match initial {
+            Some(d) => Ok(Ok(d)),
+            None => {
+                self.challenge(&[]).await?;
+                self.sasl_response().await
+            }
+        }
+    }
+
+    /// The bare JID for a SASL username on this stream's domain (nodeprep applied).
+    fn account_for(&self, username: &str) -> Option<String> {
+        let domain = self.domain.as_deref()?;
+        let a = Addr::parse(&format!("{username}@{domain}")).ok()?;
+        (a.resource.is_none() && a.node.is_some()).then(|| a.bare())
+    }
+
+    fn authzid_ok(&self, authzid: Option<&str>, bare: Option<&str>) -> bool {
+        // Acting for another identity is not supported: an authzid must name the
+        // authenticated account itself (DESIGN security checklist).
+        match authzid {
+            None | Some("") => true,
+            Some(a) => Addr::parse(a).ok().map(|a| a.bare()).as_deref() == bare,
+        }
+    }
+
+    async fn sasl_scram(&mut self, hash: ScramHash, plus: bool, initial: Option<Vec<u8>>) -> Result<Sasl, End> {
+        let bindings = self.channel_bindings();
+        let plus_advertised = self.conn.is_tls();
+        let mut scram = ScramServer::new(hash, plus, bindings, plus_advertised)
+            .with_unknown_user_iterations(self.server.config.auth.scram_iterations);
+        let first = match self.initial_response(initial).await? {
+            Ok(d) => d,
+            Err(cond) => return Ok(Sasl::Failure(cond)),
+        };
+        let client_first = match scram.client_first(&first) {
+            Ok(c) => c,
+            Err(e) => return Ok(Sasl::Failure(e.condition())),
+        };
+        let bare = self.account_for(&client_first.username);
+        if !self.authzid_ok(client_first.authzid.as_deref(), bare.as_deref()) {
+            return Ok(Sasl::Failure("invalid-authzid"));
+        }
+        let keys = match &bare {
+            Some(b) => match self.server.storage.account(b).await {
+                Ok(Some(acct)) => keys_for(&acct.credentials, hash),
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::error!(error = %e, "account lookup failed");
+                    return Ok(Sasl::Failure("temporary-auth-failure"));
+                }
+            },
+            None => None,
+        };
+        let server_first = scram.server_first(keys);
+        self.challenge(&server_first).await?;
+        let last = match self.sasl_response().await? {
+            Ok(d) => d,
+            Err(cond) => return Ok(Sasl::Failure(cond)),
+        };
+        match (scram.client_final(&last), bare) {
+            (Ok(server_final), Some(bare)) => Ok(Sasl::Success {
+                bare,
+                data: Some(server_final),
+            }),
+            (Err(e), _) => Ok(Sasl::Failure(e.condition())),
+            (Ok(_), None) => Ok(Sasl::Failure("not-authorized")),
+        }
+    }
+
+    async fn sasl_plain(&mut self, initial: Option<Vec<u8>>) -> Result<Sasl, End> {
+        let data = match self.initial_response(initial).await? {
+            Ok(d) => d,
+            Err(cond) => return Ok(Sasl::Failure(cond)),
+        };
+        let creds = match parse_plain(&data) {
+            Ok(c) => c,
+            Err(e) => return Ok(Sasl::Failure(e.condition())),
+        };
+        let Some(bare) = self.account_for(&creds.authcid) else {
+            return Ok(Sasl::Failure("not-authorized"));
+        };
+        if !self.authzid_ok(creds.authzid.as_deref(), Some(&bare)) {
+            return Ok(Sasl::Failure("invalid-authzid"));
+        }
+        let keys = match self.server.storage.account(&bare).await {
+            Ok(Some(acct)) => keys_for(&acct.credentials, ScramHash::Sha256),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::error!(error = %e, "account lookup failed");
+                return Ok(Sasl::Failure("temporary-auth-failure"));
+            }
+        };
+        let password = creds.password.clone();
+        // PBKDF2 is deliberately slow: keep it off the async worker threads.
+        let ok = match keys {
+            Some(k) => tokio::task::spawn_blocking(move || verify_password(&k, &password))
+                .await
+                .unwrap_or(false),
+            None => false,
+        };
+        if ok {
+            Ok(Sasl::Success { bare, data: None })
+        } else {
+            Ok(Sasl::Failure("not-authorized"))
+        }
+    }
+
+    /// RFC 6120 §7: resource binding. Returns the session once bound.
+    async fn bind(&mut self, iq: &Element) -> Result<Option<(SessionHandle, SessionReceiver)>, End> {
+        let Some(bare) = self.authenticated.clone() else {
+            return Err(End::error(SErr::NotAuthorized, "authenticate first"));
+        };
+        let is_set = iq.attr("type") == Some("set") && iq.attr("id").is_some();
+        let requested = iq
+            .get_child("bind", ns::BIND)
+            .and_then(|b| b.get_child("resource", ns::BIND))
+            .map(|r| r.text().trim().to_string())
+            .filter(|r| !r.is_empty());
+        if !is_set {
+            self.bind_error(iq, StanzaErrorCondition::BadRequest).await?;
+            return Ok(None);
+        }
+        let resource = match requested {
+            Some(r) => match prepare_resource(&bare, &r) {
+                Some(p) => p,
+                None => {
+                    self.bind_error(iq, StanzaErrorCondition::BadRequest).await?;
+                    return Ok(None);
+                }
+            },
+            None => format!("confab-{}", stanza::random_id()),
+        };
+        let router = &self.server.router;
+        if !router.resource_exists(&bare, &resource) && router.resources(&bare).len() >= MAX_RESOURCES {
+            self.bind_error(iq, StanzaErrorCondition::ResourceConstraint).await?;
+            return Ok(None);
+        }
+        let (handle, receiver) = router.new_session(bare, resource, self.server.config.limits.session_queue);
+        // RFC 6120 §7.7.2.2: the new session takes over; the old one is told why.
+        if let Some(old) = router.bind(handle.clone()) {
+            old.kill(StreamError::new(SErr::Conflict).with_text("replaced by a new login with the same resource"));
+        }
+        let full = handle.full_jid();
+        let reply = stanza::iq_result(iq, Some(Element::new("bind", ns::BIND).with_child(Element::new("jid", ns::BIND).with_text(full))));
+        self.write_element(&reply).await?;
+        Ok(Some((handle, receiver)))
+    }
+
+    async fn bind_error(&mut self, iq: &Element, condition: StanzaErrorCondition) -> Result<(), End> {
+        match stanza::error_reply(iq, condition) {
+            Some(reply) => self.write_element(&reply).await,
+            None => Ok(()),
+        }
+    }
+
+    // ---- the bound session -------------------------------------------------------------
+
+    async fn session(&mut self, handle: &SessionHandle, mut receiver: SessionReceiver) -> End {
+        enum Wake {
+            Shutdown,
+            Killed,
+            Queue(Option<ToSession>),
+            Read(std::io::Result<usize>),
+        }
+        let mut shutdown = self.server.shutdown_signal();
+        loop {
+            // Stanzas the client pipelined are handled before reading more.
+            loop {
+                match self.parser.next_event() {
+                    Ok(Some(StreamEvent::Element(e))) => {
+                        if let Err(end) = self.client_stanza(handle, e).await {
+                            return end;
+                        }
+                    }
+                    Ok(Some(StreamEvent::Close)) => return End::PeerClosed,
+                    Ok(Some(StreamEvent::Open(_))) => return End::error(SErr::NotWellFormed, "unexpected stream header"),
+                    Ok(None) => break,
+                    Err(e) => return End::Stream(StreamError::new(e.condition()).with_text(e.to_string())),
+                }
+            }
+            let wake = tokio::select! {
+                _ = shutdown.changed() => Wake::Shutdown,
+                _ = receiver.kill.changed() => Wake::Killed,
+                m = receiver.rx.recv() => Wake::Queue(m),
+                r = self.conn.read(&mut self.buf) => Wake::Read(r),
+            };
+            match wake {
+                Wake::Shutdown => return End::Stream(StreamError::new(SErr::SystemShutdown)),
+                Wake::Killed => {
+                    let err = receiver.kill.borrow().clone();
+                    return End::Stream(err.unwrap_or_else(|| StreamError::new(SErr::PolicyViolation)));
+                }
+                Wake::Queue(None) => return End::Eof,
+                Wake::Queue(Some(first)) => {
+                    if let Err(end) = self.deliver(handle, first, &mut receiver).await {
+                        return end;
+                    }
+                }
+                Wake::Read(Ok(0)) | Wake::Read(Err(_)) => return End::Eof,
+                Wake::Read(Ok(n)) => {
+                    let Some(chunk) = self.buf.get(..n) else {
+                        return End::Eof;
+                    };
+                    self.parser.feed(chunk);
+                }
+            }
+        }
+    }
+
+    /// Writes queued stanzas in one batch; stored offline messages are deleted only
+    /// once the batch that carried them is written and flushed.
+    async fn deliver(&mut self, handle: &SessionHandle, first: ToSession, receiver: &mut SessionReceiver) -> Result<(), End> {
+        let mut out = std::mem::take(&mut self.out);
+        out.clear();
+        let mut offline_up_to = None;
+        let mut next = Some(first);
+        let mut count = 0;
+        while let Some(item) = next.take() {
+            match item {
+                ToSession::Stanza(e) => e.write_to(&mut out, ns::CLIENT),
+                ToSession::Offline { stanzas, up_to } => {
+                    for e in &stanzas {
+                        e.write_to(&mut out, ns::CLIENT);
+                    }
+                    offline_up_to = Some(up_to);
+                }
+            }
+            count += 1;
+            if count < WRITE_BATCH {
+                next = receiver.rx.try_recv().ok();
+            }
+        }
+        let r = self.write_bytes(&out).await;
+        self.out = out;
+        r?;
+        if let Some(up_to) = offline_up_to {
+            if let Err(e) = self.server.storage.remove_offline(&handle.bare, up_to).await {
+                tracing::error!(error = %e, "removing delivered offline messages failed");
+            }
+        }
+        Ok(())
+    }
+
+    async fn client_stanza(&mut self, handle: &SessionHandle, mut e: Element) -> Result<(), End> {
+        if !is_stanza(&e) {
+            return Err(End::error(SErr::UnsupportedStanzaType, "not a stanza"));
+        }
+        // RFC 6120 §8.1.2.1: a `from` must be the session's own JID; we stamp the full JID.
+        if let Some(from) = e.attr("from") {
+            let ok = Addr::parse(from).is_ok_and(|a| {
+                a.bare() == handle.bare && a.resource.as_deref().is_none_or(|r| r == handle.resource)
+            });
+            if !ok {
+                return Err(End::error(SErr::InvalidFrom, "from does not match the session"));
+            }
+        }
+        e.set_attr("from", handle.full_jid());
+        self.server.handle_client_stanza(handle, e).await;
+        Ok(())
+    }
+}
+
+fn escape_attr(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('\'', "&apos;")
+        .replace('"', "&quot;")
+}

@@ -1,0 +1,83 @@
+//! Offline storage (RFC 6121 §8.5.2.2.1, XEP-0160): chat and normal messages to an
+//! account without an available resource are stored with an XEP-0203 delay stamp and
+//! delivered, in order, at its next available presence with non-negative priority.
+//!
+//! A stored message is deleted only after the session task has written it to the
+//! recipient's stream (see [`crate::router::ToSession::Offline`]).
+
+use std::sync::Arc;
+
+use confab_protocol::{ns, Element, StanzaErrorCondition as Cond};
+use confab_storage::StorageError;
+
+use super::FeatureScope;
+use crate::router::SessionHandle;
+use crate::server::Server;
+
+pub fn features(scope: FeatureScope) -> Vec<&'static str> {
+    match scope {
+        FeatureScope::Server => vec!["msgoffline"],
+        FeatureScope::Account => Vec::new(),
+    }
+}
+
+const CHATSTATES: &str = "http://jabber.org/protocol/chatstates";
+
+/// XEP-0160 §3: messages with only a chat state (or nothing) are not worth keeping.
+fn worth_storing(m: &Element) -> bool {
+    m.children()
+        .any(|c| c.ns() != CHATSTATES && !c.is("thread", ns::CLIENT))
+}
+
+/// Stores a message for an account with no available resource.
+pub async fn store(server: &Arc<Server>, owner: &str, mut message: Element) {
+    if !worth_storing(&message) {
+        return;
+    }
+    let domain = owner.rsplit('@').next().unwrap_or(owner).to_string();
+    message.append_child(
+        Element::new("delay", ns::DELAY)
+            .with_attr("from", domain)
+            .with_attr("stamp", crate::stanza::timestamp(std::time::SystemTime::now())),
+    );
+    let bytes = message.to_xml("").into_bytes();
+    let max = server.config.limits.max_offline_messages;
+    match server.storage.push_offline(owner, bytes, max).await {
+        Ok(_) => {}
+        Err(StorageError::QueueFull) => {
+            server.send_error_text(&message, Cond::ServiceUnavailable, "the recipient's offline storage is full");
+        }
+        Err(e) => {
+            tracing::error!(error = %e, %owner, "storing an offline message failed");
+            server.send_error(&message, Cond::InternalServerError);
+        }
+    }
+}
+
+/// Hands stored messages to a session that just became available.
+pub async fn deliver(server: &Arc<Server>, session: &SessionHandle) {
+    let list = match server.storage.offline_messages(&session.bare).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "reading offline messages failed");
+            return;
+        }
+    };
+    let Some(up_to) = list.last().map(|(seq, _)| *seq) else {
+        return;
+    };
+    let mut stanzas = Vec::with_capacity(list.len());
+    for (seq, bytes) in list {
+        let parsed = std::str::from_utf8(&bytes)
+            .ok()
+            .and_then(|s| Element::parse(s).ok());
+        match parsed {
+            Some(mut m) => {
+                m.set_attr("to", session.full_jid());
+                stanzas.push(m);
+            }
+            None => tracing::error!(seq, owner = %session.bare, "skipping an unreadable offline message"),
+        }
+    }
+    session.send_offline(stanzas, up_to);
+}

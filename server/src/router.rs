@@ -1,0 +1,230 @@
+//! The session registry: which resources of which accounts are connected here, their
+//! presence, and the queues that carry stanzas to them.
+//!
+//! Each connection task owns its socket; the router only holds a bounded sender. A
+//! session whose queue is full is a slow reader and is disconnected (it never buffers
+//! without end). Nothing here assumes this process owns all sessions forever: lookups go
+//! through this type only, so a multi-node registry can replace it behind the same API.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use confab_protocol::{Element, StreamError, StreamErrorCondition};
+use tokio::sync::{mpsc, watch};
+
+/// What a session task receives from the rest of the server.
+#[derive(Debug)]
+pub enum ToSession {
+    Stanza(Element),
+    /// Stored offline messages: the session writes them, then deletes them from the
+    /// store up to `up_to`, so nothing is deleted before it reached the stream.
+    Offline { stanzas: Vec<Element>, up_to: u64 },
+}
+
+/// A handle to one bound resource.
+#[derive(Clone, Debug)]
+pub struct SessionHandle {
+    pub id: u64,
+    /// The bare JID `user@domain`.
+    pub bare: String,
+    pub resource: String,
+    tx: mpsc::Sender<ToSession>,
+    kill: watch::Sender<Option<StreamError>>,
+}
+
+impl SessionHandle {
+    pub fn full_jid(&self) -> String {
+        format!("{}/{}", self.bare, self.resource)
+    }
+
+    /// Queues a stanza; a full queue disconnects the session (slow reader).
+    pub fn send(&self, stanza: Element) -> bool {
+        match self.tx.try_send(ToSession::Stanza(stanza)) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!(jid = %self.full_jid(), "outbound queue full, disconnecting slow reader");
+                self.kill(
+                    StreamError::new(StreamErrorCondition::PolicyViolation)
+                        .with_text("too many unread stanzas"),
+                );
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Queues stored offline messages (see [`ToSession::Offline`]).
+    pub fn send_offline(&self, stanzas: Vec<Element>, up_to: u64) -> bool {
+        self.tx
+            .try_send(ToSession::Offline { stanzas, up_to })
+            .is_ok()
+    }
+
+    /// Asks the session task to close its stream with `error`.
+    pub fn kill(&self, error: StreamError) {
+        self.kill.send_replace(Some(error));
+    }
+}
+
+/// The receiving side, owned by the session task.
+pub struct SessionReceiver {
+    pub rx: mpsc::Receiver<ToSession>,
+    pub kill: watch::Receiver<Option<StreamError>>,
+}
+
+/// Presence state of one resource (RFC 6121 §4).
+#[derive(Clone, Debug, Default)]
+pub struct PresenceState {
+    /// Sent initial presence and has not gone unavailable since.
+    pub available: bool,
+    pub priority: i8,
+    /// The last broadcast presence, as sent (with `from` stamped).
+    pub last: Option<Element>,
+    /// Requested the roster: receives roster pushes (RFC 6121 §2.1.6).
+    pub interested: bool,
+    /// Entities that got directed presence and must get unavailable (RFC 6121 §4.6).
+    pub directed: Vec<String>,
+}
+
+struct Entry {
+    handle: SessionHandle,
+    presence: PresenceState,
+}
+
+/// A snapshot of one resource, for routing decisions.
+#[derive(Clone, Debug)]
+pub struct ResourceInfo {
+    pub handle: SessionHandle,
+    pub presence: PresenceState,
+}
+
+#[derive(Default)]
+pub struct Router {
+    sessions: RwLock<HashMap<String, Vec<Entry>>>,
+    next_id: AtomicU64,
+}
+
+impl Router {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Creates the channels of a new session; register it with [`Router::bind`].
+    pub fn new_session(
+        &self,
+        bare: String,
+        resource: String,
+        queue: usize,
+    ) -> (SessionHandle, SessionReceiver) {
+        let (tx, rx) = mpsc::channel(queue.max(1));
+        let (kill, kill_rx) = watch::channel(None);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        (
+            SessionHandle {
+                id,
+                bare,
+                resource,
+                tx,
+                kill,
+            },
+            SessionReceiver { rx, kill: kill_rx },
+        )
+    }
+
+    /// Registers a bound resource. A session already holding that resource is returned
+    /// so the caller can close it: the newest login wins (RFC 6120 §7.7.2.2, option 2).
+    pub fn bind(&self, handle: SessionHandle) -> Option<SessionHandle> {
+        let mut map = self.write();
+        let list = map.entry(handle.bare.clone()).or_default();
+        let old = list
+            .iter()
+            .position(|e| e.handle.resource == handle.resource)
+            .map(|i| list.remove(i).handle);
+        list.push(Entry {
+            handle,
+            presence: PresenceState::default(),
+        });
+        old
+    }
+
+    /// Removes a session; returns its last presence state.
+    pub fn unbind(&self, handle: &SessionHandle) -> Option<PresenceState> {
+        let mut map = self.write();
+        let list = map.get_mut(&handle.bare)?;
+        let pos = list.iter().position(|e| e.handle.id == handle.id)?;
+        let entry = list.remove(pos);
+        if list.is_empty() {
+            map.remove(&handle.bare);
+        }
+        Some(entry.presence)
+    }
+
+    pub fn resource_exists(&self, bare: &str, resource: &str) -> bool {
+        self.read()
+            .get(bare)
+            .is_some_and(|l| l.iter().any(|e| e.handle.resource == resource))
+    }
+
+    /// All bound resources of an account.
+    pub fn resources(&self, bare: &str) -> Vec<ResourceInfo> {
+        self.read()
+            .get(bare)
+            .map(|l| {
+                l.iter()
+                    .map(|e| ResourceInfo {
+                        handle: e.handle.clone(),
+                        presence: e.presence.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn resource(&self, bare: &str, resource: &str) -> Option<ResourceInfo> {
+        self.read().get(bare).and_then(|l| {
+            l.iter()
+                .find(|e| e.handle.resource == resource)
+                .map(|e| ResourceInfo {
+                    handle: e.handle.clone(),
+                    presence: e.presence.clone(),
+                })
+        })
+    }
+
+    /// Updates the presence state of one session; returns the value of `f`.
+    pub fn update_presence<R>(
+        &self,
+        handle: &SessionHandle,
+        f: impl FnOnce(&mut PresenceState) -> R,
+    ) -> Option<R> {
+        let mut map = self.write();
+        map.get_mut(&handle.bare)
+            .and_then(|l| l.iter_mut().find(|e| e.handle.id == handle.id))
+            .map(|e| f(&mut e.presence))
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.read().values().map(Vec::len).sum()
+    }
+
+    /// Every bound session (for shutdown and administration).
+    pub fn all_sessions(&self) -> Vec<SessionHandle> {
+        self.read()
+            .values()
+            .flat_map(|l| l.iter().map(|e| e.handle.clone()))
+            .collect()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Vec<Entry>>> {
+        // A poisoned lock means a panic elsewhere while holding it; the map itself is
+        // still consistent (every mutation is a single push/remove), so keep serving.
+        self.sessions.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Vec<Entry>>> {
+        self.sessions.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+pub type SharedRouter = Arc<Router>;

@@ -1,0 +1,145 @@
+//! The running server: shared state, listeners and shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use confab_storage::Storage;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::Config;
+use crate::modules::Modules;
+use crate::router::Router;
+use crate::tls::CertStore;
+
+/// Everything a connection task needs, shared by all of them.
+pub struct Server {
+    pub config: Config,
+    pub storage: Arc<dyn Storage>,
+    pub router: Router,
+    pub certs: Arc<CertStore>,
+    pub tls: TlsAcceptor,
+    pub modules: Modules,
+    pub started: Instant,
+    pub connections: Arc<Semaphore>,
+    shutdown: watch::Sender<bool>,
+}
+
+/// A started server: its bound addresses and the way to stop it.
+pub struct RunningServer {
+    pub server: Arc<Server>,
+    /// Bound STARTTLS client addresses (port 0 in the config becomes the real port here).
+    pub c2s_addrs: Vec<SocketAddr>,
+    /// Bound direct-TLS client addresses.
+    pub c2s_tls_addrs: Vec<SocketAddr>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+impl Server {
+    pub fn new(config: Config, storage: Arc<dyn Storage>) -> Result<Arc<Server>, StartError> {
+        let certs = Arc::new(CertStore::load(&config)?);
+        let tls = TlsAcceptor::from(certs.server_config()?);
+        let (shutdown, _) = watch::channel(false);
+        Ok(Arc::new(Server {
+            connections: Arc::new(Semaphore::new(config.limits.max_connections)),
+            config,
+            storage,
+            router: Router::new(),
+            certs,
+            tls,
+            modules: Modules::new(),
+            started: Instant::now(),
+            shutdown,
+        }))
+    }
+
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    pub fn is_local_domain(&self, domain: &str) -> bool {
+        self.config.is_local_domain(domain)
+    }
+}
+
+impl RunningServer {
+    /// Binds every configured listener and starts accepting.
+    pub async fn start(config: Config, storage: Arc<dyn Storage>) -> Result<RunningServer, StartError> {
+        let server = Server::new(config, storage)?;
+        let mut tasks = Vec::new();
+        let mut c2s_addrs = Vec::new();
+        let mut c2s_tls_addrs = Vec::new();
+        for (addrs, direct_tls, out) in [
+            (&server.config.c2s.listen, false, &mut c2s_addrs),
+            (&server.config.c2s.tls_listen, true, &mut c2s_tls_addrs),
+        ] {
+            for addr in addrs {
+                let listener = bind(addr).await?;
+                let local = listener.local_addr().map_err(|source| StartError::Bind {
+                    addr: addr.clone(),
+                    source,
+                })?;
+                tracing::info!(addr = %local, direct_tls, "listening for clients");
+                out.push(local);
+                tasks.push(tokio::spawn(crate::c2s::accept_loop(
+                    server.clone(),
+                    listener,
+                    direct_tls,
+                )));
+            }
+        }
+        Ok(RunningServer {
+            server,
+            c2s_addrs,
+            c2s_tls_addrs,
+            tasks,
+        })
+    }
+
+    /// Stops accepting, closes every stream with `system-shutdown`, flushes storage.
+    pub async fn shutdown(self) {
+        self.server.shutdown.send_replace(true);
+        for t in &self.tasks {
+            t.abort();
+        }
+        // Sessions see the signal and close their streams; wait (bounded) for them.
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        while self.server.router.session_count() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        if let Err(e) = self.server.storage.flush().await {
+            tracing::error!(error = %e, "flushing storage at shutdown failed");
+        }
+    }
+}
+
+async fn bind(addr: &str) -> Result<TcpListener, StartError> {
+    match TcpListener::bind(addr).await {
+        Ok(l) => Ok(l),
+        // A host without IPv6 cannot bind the default "[::]"; serve IPv4 there.
+        Err(e) if addr.starts_with("[::]:") && e.kind() != std::io::ErrorKind::AddrInUse => {
+            let v4 = addr.replacen("[::]", "0.0.0.0", 1);
+            tracing::warn!(%addr, error = %e, fallback = %v4, "IPv6 unavailable");
+            TcpListener::bind(&v4)
+                .await
+                .map_err(|source| StartError::Bind { addr: v4, source })
+        }
+        Err(source) => Err(StartError::Bind {
+            addr: addr.to_string(),
+            source,
+        }),
+    }
+}
