@@ -2,6 +2,7 @@
 
 pub mod accounts;
 pub mod c2s;
+pub mod cli;
 pub mod config;
 pub mod jid;
 pub mod modules;

@@ -1,0 +1,156 @@
+//! The command line (clap derive): `serve` and account management.
+
+use std::io::{BufRead, IsTerminal};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use confab_storage::{SledStorage, Storage};
+
+use crate::config::Config;
+use crate::server::RunningServer;
+
+#[derive(Parser, Debug)]
+#[command(name = "confab", version, about = "A federated XMPP server")]
+pub struct Cli {
+    /// Configuration file (TOML). Without it, confab serves `localhost` with data in ./data.
+    #[arg(long, short, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the server.
+    Serve,
+    /// Manage accounts (with the server stopped: the store is opened directly).
+    #[command(subcommand)]
+    User(UserCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum UserCommand {
+    /// Create an account; the password is read from a prompt on a terminal, else from stdin.
+    Add { jid: String },
+    /// Change an account's password (prompt or stdin, as for `add`).
+    Passwd { jid: String },
+    /// Delete an account with its roster, offline messages and stored data.
+    Del { jid: String },
+    /// List accounts, optionally of one domain.
+    List { domain: Option<String> },
+}
+
+pub fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
+    match path {
+        Some(p) => Ok(Config::load(p)?),
+        None => Ok(Config::default()),
+    }
+}
+
+fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Storage>> {
+    let dir = config.store_dir();
+    let store = SledStorage::open(&dir).with_context(|| {
+        format!(
+            "cannot open the store in {} (is the server running? stop it first)",
+            dir.display()
+        )
+    })?;
+    Ok(Arc::new(store))
+}
+
+/// Reads a password: from a prompt on a terminal (asked twice), else one line of stdin.
+fn read_password() -> anyhow::Result<String> {
+    let password = if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password("Password: ")?;
+        let again = rpassword::prompt_password("Repeat password: ")?;
+        if first != again {
+            bail!("the passwords do not match");
+        }
+        first
+    } else {
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line)?;
+        line.trim_end_matches(['\r', '\n']).to_string()
+    };
+    if password.is_empty() {
+        bail!("the password must not be empty");
+    }
+    Ok(password)
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = load_config(cli.config.as_ref())?;
+    match cli.command {
+        Command::Serve => serve(config).await,
+        Command::User(cmd) => user(config, cmd).await,
+    }
+}
+
+async fn user(config: Config, cmd: UserCommand) -> anyhow::Result<()> {
+    let domains = config.domains.clone();
+    let iterations = config.auth.scram_iterations;
+    match cmd {
+        UserCommand::Add { jid } => {
+            crate::accounts::account_jid(&jid, &domains)?;
+            let password = read_password()?;
+            let store = open_store(&config)?;
+            let bare = crate::accounts::add_user(store.as_ref(), &domains, &jid, &password, iterations).await?;
+            println!("created {bare}");
+        }
+        UserCommand::Passwd { jid } => {
+            crate::accounts::account_jid(&jid, &domains)?;
+            let password = read_password()?;
+            let store = open_store(&config)?;
+            let bare = crate::accounts::set_password(store.as_ref(), &domains, &jid, &password, iterations).await?;
+            println!("changed the password of {bare}");
+        }
+        UserCommand::Del { jid } => {
+            let store = open_store(&config)?;
+            let bare = crate::accounts::delete_user(store.as_ref(), &domains, &jid).await?;
+            println!("deleted {bare}");
+        }
+        UserCommand::List { domain } => {
+            let store = open_store(&config)?;
+            for jid in store.list_accounts(domain.as_deref()).await? {
+                println!("{jid}");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create the data directory {}", config.data_dir.display()))?;
+    let store = open_store(&config)?;
+    let running = RunningServer::start(config.clone(), store).await?;
+    tracing::info!(domains = ?config.domains, "confab {} is running", env!("CARGO_PKG_VERSION"));
+    wait_for_stop().await;
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_stop() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
