@@ -57,9 +57,16 @@ mod tests {
     #[tokio::test]
     async fn no_federation_refuses_every_domain() {
         let err = NoFederation
-            .send("a.example", "b.example", Element::new("message", "jabber:client"))
+            .send(
+                "a.example",
+                "b.example",
+                Element::new("message", "jabber:client"),
+            )
             .await
             .unwrap_err();
-        assert_eq!(err, FederationError::RemoteServerNotFound("b.example".into()));
+        assert_eq!(
+            err,
+            FederationError::RemoteServerNotFound("b.example".into())
+        );
     }
 }

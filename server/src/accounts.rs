@@ -3,7 +3,7 @@
 //! password).
 
 use confab_protocol::sasl::{ScramHash, ScramKeys};
-use confab_storage::{StorageError, StoredCredential, Storage};
+use confab_storage::{Storage, StorageError, StoredCredential};
 
 use crate::jid::{prepare_account, Addr};
 
@@ -26,7 +26,10 @@ pub enum AccountError {
 }
 
 /// Derives stored keys for every SCRAM hash we offer.
-pub fn derive_credentials(password: &str, iterations: u32) -> Result<Vec<StoredCredential>, AccountError> {
+pub fn derive_credentials(
+    password: &str,
+    iterations: u32,
+) -> Result<Vec<StoredCredential>, AccountError> {
     if password.is_empty() {
         return Err(AccountError::EmptyPassword);
     }
@@ -52,13 +55,16 @@ pub fn to_stored(k: &ScramKeys) -> StoredCredential {
 
 /// The stored keys for one hash, if the account has them.
 pub fn keys_for(creds: &[StoredCredential], hash: ScramHash) -> Option<ScramKeys> {
-    creds.iter().find(|c| c.hash == hash.name()).map(|c| ScramKeys {
-        hash,
-        salt: c.salt.clone(),
-        iterations: c.iterations,
-        stored_key: c.stored_key.clone(),
-        server_key: c.server_key.clone(),
-    })
+    creds
+        .iter()
+        .find(|c| c.hash == hash.name())
+        .map(|c| ScramKeys {
+            hash,
+            salt: c.salt.clone(),
+            iterations: c.iterations,
+            stored_key: c.stored_key.clone(),
+            server_key: c.server_key.clone(),
+        })
 }
 
 /// Parses `user@domain` and checks the domain is served.
@@ -104,7 +110,11 @@ pub async fn set_password(
     }
 }
 
-pub async fn delete_user(storage: &dyn Storage, domains: &[String], jid: &str) -> Result<String, AccountError> {
+pub async fn delete_user(
+    storage: &dyn Storage,
+    domains: &[String],
+    jid: &str,
+) -> Result<String, AccountError> {
     let a = account_jid(jid, domains)?;
     let bare = a.bare();
     match storage.delete_account(&bare).await {

@@ -96,14 +96,23 @@ async fn user(config: Config, cmd: UserCommand) -> anyhow::Result<()> {
             crate::accounts::account_jid(&jid, &domains)?;
             let password = read_password()?;
             let store = open_store(&config)?;
-            let bare = crate::accounts::add_user(store.as_ref(), &domains, &jid, &password, iterations).await?;
+            let bare =
+                crate::accounts::add_user(store.as_ref(), &domains, &jid, &password, iterations)
+                    .await?;
             println!("created {bare}");
         }
         UserCommand::Passwd { jid } => {
             crate::accounts::account_jid(&jid, &domains)?;
             let password = read_password()?;
             let store = open_store(&config)?;
-            let bare = crate::accounts::set_password(store.as_ref(), &domains, &jid, &password, iterations).await?;
+            let bare = crate::accounts::set_password(
+                store.as_ref(),
+                &domains,
+                &jid,
+                &password,
+                iterations,
+            )
+            .await?;
             println!("changed the password of {bare}");
         }
         UserCommand::Del { jid } => {
@@ -122,8 +131,12 @@ async fn user(config: Config, cmd: UserCommand) -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("cannot create the data directory {}", config.data_dir.display()))?;
+    std::fs::create_dir_all(&config.data_dir).with_context(|| {
+        format!(
+            "cannot create the data directory {}",
+            config.data_dir.display()
+        )
+    })?;
     let store = open_store(&config)?;
     let running = RunningServer::start(config.clone(), store).await?;
     tracing::info!(domains = ?config.domains, "confab {} is running", env!("CARGO_PKG_VERSION"));

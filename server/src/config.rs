@@ -192,7 +192,9 @@ impl Config {
             }
             let domain = bare.domain().to_string();
             if prepared.contains(&domain) {
-                return Err(ConfigError::Invalid(format!("domain {d:?} is listed twice")));
+                return Err(ConfigError::Invalid(format!(
+                    "domain {d:?} is listed twice"
+                )));
             }
             prepared.push(domain);
         }

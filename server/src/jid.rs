@@ -96,7 +96,14 @@ mod tests {
 
     #[test]
     fn malformed_jids_are_refused() {
-        for s in ["", "@example.com", "a@b@c", "a@/r", "a@example.com/", "a b@example.com"] {
+        for s in [
+            "",
+            "@example.com",
+            "a@b@c",
+            "a@/r",
+            "a@example.com/",
+            "a b@example.com",
+        ] {
             assert!(Addr::parse(s).is_err(), "{s:?}");
         }
         assert!(prepare_account("example.com").is_err());

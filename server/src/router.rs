@@ -19,7 +19,10 @@ pub enum ToSession {
     Stanza(Element),
     /// Stored offline messages: the session writes them, then deletes them from the
     /// store up to `up_to`, so nothing is deleted before it reached the stream.
-    Offline { stanzas: Vec<Element>, up_to: u64 },
+    Offline {
+        stanzas: Vec<Element>,
+        up_to: u64,
+    },
 }
 
 /// A handle to one bound resource.

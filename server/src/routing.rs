@@ -15,7 +15,11 @@ use crate::stanza::{self, Kind};
 
 impl Server {
     /// A stanza from a bound client session, `from` already stamped with its full JID.
-    pub async fn handle_client_stanza(self: &Arc<Self>, session: &SessionHandle, mut stanza: Element) {
+    pub async fn handle_client_stanza(
+        self: &Arc<Self>,
+        session: &SessionHandle,
+        mut stanza: Element,
+    ) {
         let Some(kind) = stanza::kind(&stanza) else {
             return;
         };
@@ -42,8 +46,12 @@ impl Server {
                     Some(a) => a.is_bare() && a.bare() == session.bare,
                 };
                 if own {
-                    self.handle_iq(stanza, IqTarget::Account(session.bare.clone()), Some(session))
-                        .await;
+                    self.handle_iq(
+                        stanza,
+                        IqTarget::Account(session.bare.clone()),
+                        Some(session),
+                    )
+                    .await;
                 } else {
                     self.route(stanza).await;
                 }
@@ -93,8 +101,11 @@ impl Server {
                         if stanza::stanza_type(&stanza) == "subscribe" {
                             // §3.1.3: a subscription request to a non-existent user
                             // SHOULD be answered with unsubscribed.
-                            if let Some(from) = stanza.attr("from").and_then(|f| Addr::parse(f).ok()) {
-                                let reply = stanza::presence(Some("unsubscribed"), &bare, &from.bare());
+                            if let Some(from) =
+                                stanza.attr("from").and_then(|f| Addr::parse(f).ok())
+                            {
+                                let reply =
+                                    stanza::presence(Some("unsubscribed"), &bare, &from.bare());
                                 self.route(reply).await;
                             }
                         }
@@ -122,7 +133,9 @@ impl Server {
                     _ => self.send_error(&stanza, Cond::ServiceUnavailable),
                 },
             },
-            (Kind::Presence, _) => presence::inbound(self, &bare, to.resource.as_deref(), stanza).await,
+            (Kind::Presence, _) => {
+                presence::inbound(self, &bare, to.resource.as_deref(), stanza).await
+            }
             (Kind::Iq, None) => {
                 self.handle_iq(stanza, IqTarget::Account(bare), None).await;
             }
@@ -141,12 +154,16 @@ impl Server {
                 if to.resource.is_some() {
                     self.send_error(&stanza, Cond::ServiceUnavailable);
                 } else {
-                    self.handle_iq(stanza, IqTarget::Server(to.domain), None).await;
+                    self.handle_iq(stanza, IqTarget::Server(to.domain), None)
+                        .await;
                 }
             }
             Kind::Message => {
                 // RFC 6121 §8.5.? / RFC 6120 §10.3: the server handles it or answers with an error.
-                if !matches!(stanza::stanza_type(&stanza), "error" | "headline" | "groupchat") {
+                if !matches!(
+                    stanza::stanza_type(&stanza),
+                    "error" | "headline" | "groupchat"
+                ) {
                     self.send_error(&stanza, Cond::ServiceUnavailable);
                 }
             }

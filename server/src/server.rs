@@ -77,7 +77,10 @@ impl Server {
 
 impl RunningServer {
     /// Binds every configured listener and starts accepting.
-    pub async fn start(config: Config, storage: Arc<dyn Storage>) -> Result<RunningServer, StartError> {
+    pub async fn start(
+        config: Config,
+        storage: Arc<dyn Storage>,
+    ) -> Result<RunningServer, StartError> {
         let server = Server::new(config, storage)?;
         let mut tasks = Vec::new();
         let mut c2s_addrs = Vec::new();

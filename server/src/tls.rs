@@ -99,10 +99,11 @@ impl CertStore {
 
     /// A rustls server configuration serving these certificates.
     pub fn server_config(self: &Arc<Self>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(provider::default_provider()))
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_cert_resolver(Arc::new(SniResolver(self.clone())));
+        let config =
+            rustls::ServerConfig::builder_with_provider(Arc::new(provider::default_provider()))
+                .with_safe_default_protocol_versions()?
+                .with_no_client_auth()
+                .with_cert_resolver(Arc::new(SniResolver(self.clone())));
         Ok(Arc::new(config))
     }
 }
@@ -175,13 +176,17 @@ fn end_point_hash(der: &[u8]) -> Vec<u8> {
 }
 
 /// Writes a self-signed certificate and key (mode 0600) for `domain`.
-pub fn generate_self_signed(domain: &str, cert_path: &Path, key_path: &Path) -> Result<(), TlsError> {
+pub fn generate_self_signed(
+    domain: &str,
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<(), TlsError> {
     let err = |message: String| TlsError::Generate {
         domain: domain.to_string(),
         message,
     };
-    let mut params = rcgen::CertificateParams::new(vec![domain.to_string()])
-        .map_err(|e| err(e.to_string()))?;
+    let mut params =
+        rcgen::CertificateParams::new(vec![domain.to_string()]).map_err(|e| err(e.to_string()))?;
     params
         .distinguished_name
         .push(rcgen::DnType::CommonName, domain);

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use confab::{Config, RunningServer};
-use confab_protocol::sasl::{decode_payload, encode_payload, ClientBinding, ScramClient, ScramHash};
+use confab_protocol::sasl::{
+    decode_payload, encode_payload, ClientBinding, ScramClient, ScramHash,
+};
 use confab_protocol::{ns, Element, ParserLimits, StreamEvent, StreamHeader, StreamParser};
 use confab_storage::{SledStorage, Storage};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -58,11 +60,13 @@ impl TestPki {
         let mut roots = rustls::RootCertStore::empty();
         let _ = roots.add(rustls_pki_types::CertificateDer::from(self.ca_der.clone()));
         Arc::new(
-            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .expect("TLS versions")
-                .with_root_certificates(roots)
-                .with_no_client_auth(),
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
         )
     }
 }
@@ -86,9 +90,11 @@ impl TestServer {
         init_tracing();
         let dir = tempfile::tempdir()?;
         let pki = TestPki::create(dir.path(), &[DOMAIN])?;
-        let mut config = Config::default();
-        config.domains = vec![DOMAIN.to_string()];
-        config.data_dir = dir.path().join("data");
+        let mut config = Config {
+            domains: vec![DOMAIN.to_string()],
+            data_dir: dir.path().join("data"),
+            ..Config::default()
+        };
         config.c2s.listen = vec!["127.0.0.1:0".into()];
         config.c2s.tls_listen = vec!["127.0.0.1:0".into()];
         config.tls.insert(
@@ -155,7 +161,8 @@ impl TestServer {
     pub async fn login(&self, user: &str, password: &str, resource: &str) -> Result<Client> {
         let mut c = Client::connect(self.addr()).await?;
         c.starttls(&self.pki).await?;
-        c.authenticate(ScramHash::Sha256, false, user, password).await?;
+        c.authenticate(ScramHash::Sha256, false, user, password)
+            .await?;
         c.bind(Some(resource)).await?;
         Ok(c)
     }
@@ -389,7 +396,9 @@ impl Client {
             match ev {
                 StreamEvent::Element(e) if pred(&e) => return Ok(e),
                 StreamEvent::Element(e) => self.pending.push_back(e),
-                StreamEvent::Close => bail!("stream closed while waiting; unmatched: {:?}", self.pending),
+                StreamEvent::Close => {
+                    bail!("stream closed while waiting; unmatched: {:?}", self.pending)
+                }
                 StreamEvent::Open(_) => bail!("unexpected stream header"),
             }
         }
@@ -476,7 +485,8 @@ impl Client {
 
     /// STARTTLS (RFC 6120 §5), then a new stream.
     pub async fn starttls(&mut self, pki: &TestPki) -> Result<()> {
-        self.send_str(&format!("<starttls xmlns='{}'/>", ns::TLS)).await?;
+        self.send_str(&format!("<starttls xmlns='{}'/>", ns::TLS))
+            .await?;
         let proceed = self.next().await?;
         if !proceed.is("proceed", ns::TLS) {
             bail!("expected proceed, got {proceed}");
@@ -517,7 +527,13 @@ impl Client {
 
     /// SCRAM authentication; on success the stream is restarted. Err carries the
     /// failure condition for a SASL failure.
-    pub async fn authenticate(&mut self, hash: ScramHash, plus: bool, user: &str, password: &str) -> Result<()> {
+    pub async fn authenticate(
+        &mut self,
+        hash: ScramHash,
+        plus: bool,
+        user: &str,
+        password: &str,
+    ) -> Result<()> {
         let binding = if plus {
             ClientBinding::TlsExporter(self.tls_exporter().context("no TLS")?)
         } else if self.is_tls() {
@@ -591,7 +607,9 @@ impl Client {
             bind.append_child(Element::new("resource", ns::BIND).with_text(r));
         }
         let reply = self
-            .iq(Element::new("iq", ns::CLIENT).with_attr("type", "set").with_child(bind))
+            .iq(Element::new("iq", ns::CLIENT)
+                .with_attr("type", "set")
+                .with_child(bind))
             .await?;
         let jid = reply
             .get_child("bind", ns::BIND)

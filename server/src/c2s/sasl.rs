@@ -32,9 +32,13 @@ pub fn mechanisms_element(tls: bool) -> Element {
 pub fn channel_binding_element(exporter: bool) -> Element {
     let mut e = Element::new("sasl-channel-binding", SASL_CB_NS);
     if exporter {
-        e.append_child(Element::new("channel-binding", SASL_CB_NS).with_attr("type", "tls-exporter"));
+        e.append_child(
+            Element::new("channel-binding", SASL_CB_NS).with_attr("type", "tls-exporter"),
+        );
     }
-    e.append_child(Element::new("channel-binding", SASL_CB_NS).with_attr("type", "tls-server-end-point"));
+    e.append_child(
+        Element::new("channel-binding", SASL_CB_NS).with_attr("type", "tls-server-end-point"),
+    );
     e
 }
 

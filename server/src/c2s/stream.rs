@@ -128,7 +128,11 @@ impl C2sStream {
             match self.parser.next_event() {
                 Ok(Some(ev)) => return Ok(ev),
                 Ok(None) => {}
-                Err(e) => return Err(End::Stream(StreamError::new(e.condition()).with_text(e.to_string()))),
+                Err(e) => {
+                    return Err(End::Stream(
+                        StreamError::new(e.condition()).with_text(e.to_string()),
+                    ))
+                }
             }
             let n = self.conn.read(&mut self.buf).await.map_err(|_| End::Eof)?;
             let Some(chunk) = self.buf.get(..n).filter(|c| !c.is_empty()) else {
@@ -178,7 +182,11 @@ impl C2sStream {
             .or_else(|| self.server.config.domains.first().cloned())
             .unwrap_or_default();
         let lang = lang
-            .filter(|l| !l.is_empty() && l.len() < 36 && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+            .filter(|l| {
+                !l.is_empty()
+                    && l.len() < 36
+                    && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            })
             .unwrap_or("en");
         let header = format!(
             "<?xml version='1.0'?><stream:stream xmlns='{}' xmlns:stream='{}' id='{}' from='{}' version='1.0' xml:lang='{}'>",
@@ -201,7 +209,10 @@ impl C2sStream {
                 if !self.header_sent {
                     let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.send_header(None)).await;
                 }
-                let mut data = Self::stream_child("error", &err.to_element().children().cloned().collect::<Vec<_>>());
+                let mut data = Self::stream_child(
+                    "error",
+                    &err.to_element().children().cloned().collect::<Vec<_>>(),
+                );
                 data.extend_from_slice(b"</stream:stream>");
                 data
             }
@@ -225,7 +236,9 @@ impl C2sStream {
                 let el = match self.next_event().await? {
                     StreamEvent::Element(e) => e,
                     StreamEvent::Close => return Err(End::PeerClosed),
-                    StreamEvent::Open(_) => return Err(End::error(SErr::NotWellFormed, "unexpected stream header")),
+                    StreamEvent::Open(_) => {
+                        return Err(End::error(SErr::NotWellFormed, "unexpected stream header"))
+                    }
                 };
                 if self.authenticated.is_none() {
                     if el.is("starttls", ns::TLS) {
@@ -241,7 +254,10 @@ impl C2sStream {
                     if is_stanza(&el) {
                         return Err(End::error(SErr::NotAuthorized, "authenticate first"));
                     }
-                    return Err(End::error(SErr::UnsupportedStanzaType, "unexpected element"));
+                    return Err(End::error(
+                        SErr::UnsupportedStanzaType,
+                        "unexpected element",
+                    ));
                 }
                 if el.is("iq", ns::CLIENT) && el.get_child("bind", ns::BIND).is_some() {
                     if let Some(bound) = self.bind(&el).await? {
@@ -252,7 +268,10 @@ impl C2sStream {
                 if is_stanza(&el) {
                     return Err(End::error(SErr::NotAuthorized, "bind a resource first"));
                 }
-                return Err(End::error(SErr::UnsupportedStanzaType, "unexpected element"));
+                return Err(End::error(
+                    SErr::UnsupportedStanzaType,
+                    "unexpected element",
+                ));
             }
         }
     }
@@ -276,7 +295,10 @@ impl C2sStream {
         // RFC 6120 §4.9.1.2: the header goes out first, even when an error follows.
         self.send_header(header.lang.as_deref()).await?;
         if header.default_ns != ns::CLIENT {
-            return Err(End::error(SErr::InvalidNamespace, "this is a client port: use jabber:client"));
+            return Err(End::error(
+                SErr::InvalidNamespace,
+                "this is a client port: use jabber:client",
+            ));
         }
         let major = header
             .version
@@ -316,12 +338,17 @@ impl C2sStream {
                 f.push(mechanisms_element(tls));
             }
             if tls {
-                f.push(channel_binding_element(self.channel_bindings().tls_exporter.is_some()));
+                f.push(channel_binding_element(
+                    self.channel_bindings().tls_exporter.is_some(),
+                ));
             }
         } else {
             f.push(Element::new("bind", ns::BIND));
             // RFC 6121 Appendix E: legacy session establishment, optional.
-            f.push(Element::new("session", ns::SESSION).with_child(Element::new("optional", ns::SESSION)));
+            f.push(
+                Element::new("session", ns::SESSION)
+                    .with_child(Element::new("optional", ns::SESSION)),
+            );
             f.push(Element::new("ver", ns::ROSTERVER));
             f.push(Element::new("sub", ns::PRE_APPROVAL));
         }
@@ -332,7 +359,8 @@ impl C2sStream {
         if self.conn.is_tls() {
             return Err(End::error(SErr::PolicyViolation, "TLS is already in place"));
         }
-        self.write_bytes(format!("<proceed xmlns='{}'/>", ns::TLS).as_bytes()).await?;
+        self.write_bytes(format!("<proceed xmlns='{}'/>", ns::TLS).as_bytes())
+            .await?;
         let Conn::Plain(tcp) = std::mem::replace(&mut self.conn, Conn::Gone) else {
             return Err(End::Eof);
         };
@@ -422,7 +450,10 @@ impl C2sStream {
         }
         // RFC 6120 §6.4.5: a few retries, then the connection is closed.
         if self.auth_failures >= self.server.config.auth.max_failures_per_stream {
-            return Err(End::error(SErr::PolicyViolation, "too many failed authentication attempts"));
+            return Err(End::error(
+                SErr::PolicyViolation,
+                "too many failed authentication attempts",
+            ));
         }
         Ok(false)
     }
@@ -432,13 +463,18 @@ impl C2sStream {
         let el = match self.next_event().await? {
             StreamEvent::Element(e) => e,
             StreamEvent::Close => return Err(End::PeerClosed),
-            StreamEvent::Open(_) => return Err(End::error(SErr::NotWellFormed, "unexpected stream header")),
+            StreamEvent::Open(_) => {
+                return Err(End::error(SErr::NotWellFormed, "unexpected stream header"))
+            }
         };
         if el.is("abort", ns::SASL) {
             return Ok(Err("aborted"));
         }
         if !el.is("response", ns::SASL) {
-            return Err(End::error(SErr::NotAuthorized, "authentication in progress"));
+            return Err(End::error(
+                SErr::NotAuthorized,
+                "authentication in progress",
+            ));
         }
         Ok(decode_payload(el.text().trim()).map_err(|_| "incorrect-encoding"))
     }
@@ -452,7 +488,10 @@ impl C2sStream {
     }
 
     /// The initial response, asking for it with an empty challenge when absent (RFC 6120 §6.4.2).
-    async fn initial_response(&mut self, initial: Option<Vec<u8>>) -> Result<Result<Vec<u8>, &'static str>, End> {
+    async fn initial_response(
+        &mut self,
+        initial: Option<Vec<u8>>,
+    ) -> Result<Result<Vec<u8>, &'static str>, End> {
         match initial {
             Some(d) => Ok(Ok(d)),
             None => {
@@ -478,7 +517,12 @@ impl C2sStream {
         }
     }
 
-    async fn sasl_scram(&mut self, hash: ScramHash, plus: bool, initial: Option<Vec<u8>>) -> Result<Sasl, End> {
+    async fn sasl_scram(
+        &mut self,
+        hash: ScramHash,
+        plus: bool,
+        initial: Option<Vec<u8>>,
+    ) -> Result<Sasl, End> {
         let bindings = self.channel_bindings();
         let plus_advertised = self.conn.is_tls();
         let mut scram = ScramServer::new(hash, plus, bindings, plus_advertised)
@@ -561,7 +605,10 @@ impl C2sStream {
     }
 
     /// RFC 6120 §7: resource binding. Returns the session once bound.
-    async fn bind(&mut self, iq: &Element) -> Result<Option<(SessionHandle, SessionReceiver)>, End> {
+    async fn bind(
+        &mut self,
+        iq: &Element,
+    ) -> Result<Option<(SessionHandle, SessionReceiver)>, End> {
         let Some(bare) = self.authenticated.clone() else {
             return Err(End::error(SErr::NotAuthorized, "authenticate first"));
         };
@@ -572,36 +619,55 @@ impl C2sStream {
             .map(|r| r.text().trim().to_string())
             .filter(|r| !r.is_empty());
         if !is_set {
-            self.bind_error(iq, StanzaErrorCondition::BadRequest).await?;
+            self.bind_error(iq, StanzaErrorCondition::BadRequest)
+                .await?;
             return Ok(None);
         }
         let resource = match requested {
             Some(r) => match prepare_resource(&bare, &r) {
                 Some(p) => p,
                 None => {
-                    self.bind_error(iq, StanzaErrorCondition::BadRequest).await?;
+                    self.bind_error(iq, StanzaErrorCondition::BadRequest)
+                        .await?;
                     return Ok(None);
                 }
             },
             None => format!("confab-{}", stanza::random_id()),
         };
         let router = &self.server.router;
-        if !router.resource_exists(&bare, &resource) && router.resources(&bare).len() >= MAX_RESOURCES {
-            self.bind_error(iq, StanzaErrorCondition::ResourceConstraint).await?;
+        if !router.resource_exists(&bare, &resource)
+            && router.resources(&bare).len() >= MAX_RESOURCES
+        {
+            self.bind_error(iq, StanzaErrorCondition::ResourceConstraint)
+                .await?;
             return Ok(None);
         }
-        let (handle, receiver) = router.new_session(bare, resource, self.server.config.limits.session_queue);
+        let (handle, receiver) =
+            router.new_session(bare, resource, self.server.config.limits.session_queue);
         // RFC 6120 §7.7.2.2: the new session takes over; the old one is told why.
         if let Some(old) = router.bind(handle.clone()) {
-            old.kill(StreamError::new(SErr::Conflict).with_text("replaced by a new login with the same resource"));
+            old.kill(
+                StreamError::new(SErr::Conflict)
+                    .with_text("replaced by a new login with the same resource"),
+            );
         }
         let full = handle.full_jid();
-        let reply = stanza::iq_result(iq, Some(Element::new("bind", ns::BIND).with_child(Element::new("jid", ns::BIND).with_text(full))));
+        let reply = stanza::iq_result(
+            iq,
+            Some(
+                Element::new("bind", ns::BIND)
+                    .with_child(Element::new("jid", ns::BIND).with_text(full)),
+            ),
+        );
         self.write_element(&reply).await?;
         Ok(Some((handle, receiver)))
     }
 
-    async fn bind_error(&mut self, iq: &Element, condition: StanzaErrorCondition) -> Result<(), End> {
+    async fn bind_error(
+        &mut self,
+        iq: &Element,
+        condition: StanzaErrorCondition,
+    ) -> Result<(), End> {
         match stanza::error_reply(iq, condition) {
             Some(reply) => self.write_element(&reply).await,
             None => Ok(()),
@@ -628,9 +694,15 @@ impl C2sStream {
                         }
                     }
                     Ok(Some(StreamEvent::Close)) => return End::PeerClosed,
-                    Ok(Some(StreamEvent::Open(_))) => return End::error(SErr::NotWellFormed, "unexpected stream header"),
+                    Ok(Some(StreamEvent::Open(_))) => {
+                        return End::error(SErr::NotWellFormed, "unexpected stream header")
+                    }
                     Ok(None) => break,
-                    Err(e) => return End::Stream(StreamError::new(e.condition()).with_text(e.to_string())),
+                    Err(e) => {
+                        return End::Stream(
+                            StreamError::new(e.condition()).with_text(e.to_string()),
+                        )
+                    }
                 }
             }
             let wake = tokio::select! {
@@ -643,7 +715,9 @@ impl C2sStream {
                 Wake::Shutdown => return End::Stream(StreamError::new(SErr::SystemShutdown)),
                 Wake::Killed => {
                     let err = receiver.kill.borrow().clone();
-                    return End::Stream(err.unwrap_or_else(|| StreamError::new(SErr::PolicyViolation)));
+                    return End::Stream(
+                        err.unwrap_or_else(|| StreamError::new(SErr::PolicyViolation)),
+                    );
                 }
                 Wake::Queue(None) => return End::Eof,
                 Wake::Queue(Some(first)) => {
@@ -664,7 +738,12 @@ impl C2sStream {
 
     /// Writes queued stanzas in one batch; stored offline messages are deleted only
     /// once the batch that carried them is written and flushed.
-    async fn deliver(&mut self, handle: &SessionHandle, first: ToSession, receiver: &mut SessionReceiver) -> Result<(), End> {
+    async fn deliver(
+        &mut self,
+        handle: &SessionHandle,
+        first: ToSession,
+        receiver: &mut SessionReceiver,
+    ) -> Result<(), End> {
         let mut out = std::mem::take(&mut self.out);
         out.clear();
         let mut offline_up_to = None;
@@ -689,7 +768,12 @@ impl C2sStream {
         self.out = out;
         r?;
         if let Some(up_to) = offline_up_to {
-            if let Err(e) = self.server.storage.remove_offline(&handle.bare, up_to).await {
+            if let Err(e) = self
+                .server
+                .storage
+                .remove_offline(&handle.bare, up_to)
+                .await
+            {
                 tracing::error!(error = %e, "removing delivered offline messages failed");
             }
         }
@@ -703,10 +787,14 @@ impl C2sStream {
         // RFC 6120 §8.1.2.1: a `from` must be the session's own JID; we stamp the full JID.
         if let Some(from) = e.attr("from") {
             let ok = Addr::parse(from).is_ok_and(|a| {
-                a.bare() == handle.bare && a.resource.as_deref().is_none_or(|r| r == handle.resource)
+                a.bare() == handle.bare
+                    && a.resource.as_deref().is_none_or(|r| r == handle.resource)
             });
             if !ok {
-                return Err(End::error(SErr::InvalidFrom, "from does not match the session"));
+                return Err(End::error(
+                    SErr::InvalidFrom,
+                    "from does not match the session",
+                ));
             }
         }
         e.set_attr("from", handle.full_jid());

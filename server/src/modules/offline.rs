@@ -38,14 +38,21 @@ pub async fn store(server: &Arc<Server>, owner: &str, mut message: Element) {
     message.append_child(
         Element::new("delay", ns::DELAY)
             .with_attr("from", domain)
-            .with_attr("stamp", crate::stanza::timestamp(std::time::SystemTime::now())),
+            .with_attr(
+                "stamp",
+                crate::stanza::timestamp(std::time::SystemTime::now()),
+            ),
     );
     let bytes = message.to_xml("").into_bytes();
     let max = server.config.limits.max_offline_messages;
     match server.storage.push_offline(owner, bytes, max).await {
         Ok(_) => {}
         Err(StorageError::QueueFull) => {
-            server.send_error_text(&message, Cond::ServiceUnavailable, "the recipient's offline storage is full");
+            server.send_error_text(
+                &message,
+                Cond::ServiceUnavailable,
+                "the recipient's offline storage is full",
+            );
         }
         Err(e) => {
             tracing::error!(error = %e, %owner, "storing an offline message failed");
@@ -76,7 +83,9 @@ pub async fn deliver(server: &Arc<Server>, session: &SessionHandle) {
                 m.set_attr("to", session.full_jid());
                 stanzas.push(m);
             }
-            None => tracing::error!(seq, owner = %session.bare, "skipping an unreadable offline message"),
+            None => {
+                tracing::error!(seq, owner = %session.bare, "skipping an unreadable offline message")
+            }
         }
     }
     session.send_offline(stanzas, up_to);

@@ -26,7 +26,12 @@ fn pending_key(contact: &str) -> String {
 }
 
 /// A presence stanza sent by a local client (`from` stamped with its full JID).
-pub async fn outbound(server: &Arc<Server>, session: &SessionHandle, stanza: Element, to: Option<Addr>) {
+pub async fn outbound(
+    server: &Arc<Server>,
+    session: &SessionHandle,
+    stanza: Element,
+    to: Option<Addr>,
+) {
     let ty = stanza::stanza_type(&stanza).to_string();
     match (ty.as_str(), to) {
         ("available", None) => broadcast_available(server, session, stanza).await,
@@ -36,7 +41,9 @@ pub async fn outbound(server: &Arc<Server>, session: &SessionHandle, stanza: Ele
                 broadcast_unavailable(server, session, state, Some(stanza), true).await;
             }
         }
-        ("available" | "unavailable", Some(to)) => directed(server, session, stanza, ty == "available", to).await,
+        ("available" | "unavailable", Some(to)) => {
+            directed(server, session, stanza, ty == "available", to).await
+        }
         ("subscribe" | "subscribed" | "unsubscribe" | "unsubscribed", Some(to)) => {
             outbound_subscription(server, session, &ty, stanza, to).await
         }
@@ -109,7 +116,10 @@ async fn broadcast_available(server: &Arc<Server>, session: &SessionHandle, mut 
         match server.storage.list_user_data(owner, PENDING_PREFIX).await {
             Ok(list) => {
                 for (_, bytes) in list {
-                    if let Some(req) = String::from_utf8(bytes).ok().and_then(|s| Element::parse(&s).ok()) {
+                    if let Some(req) = String::from_utf8(bytes)
+                        .ok()
+                        .and_then(|s| Element::parse(&s).ok())
+                    {
                         session.send(req);
                     }
                 }
@@ -171,7 +181,13 @@ pub async fn session_ended(server: &Arc<Server>, session: &SessionHandle, state:
 }
 
 /// §4.6: directed presence, remembered so unavailable reaches it later.
-async fn directed(server: &Arc<Server>, session: &SessionHandle, stanza: Element, available: bool, to: Addr) {
+async fn directed(
+    server: &Arc<Server>,
+    session: &SessionHandle,
+    stanza: Element,
+    available: bool,
+    to: Addr,
+) {
     let target = to.to_string();
     let subscribed = match server.storage.roster_item(&session.bare, &to.bare()).await {
         Ok(Some(item)) => subscribed_from(&item),
@@ -208,11 +224,21 @@ fn new_item(jid: &str) -> RosterItem {
 }
 
 async fn has_pending_in(server: &Arc<Server>, owner: &str, contact: &str) -> bool {
-    matches!(server.storage.get_user_data(owner, &pending_key(contact)).await, Ok(Some(_)))
+    matches!(
+        server
+            .storage
+            .get_user_data(owner, &pending_key(contact))
+            .await,
+        Ok(Some(_))
+    )
 }
 
 pub async fn clear_pending_in(server: &Arc<Server>, owner: &str, contact: &str) {
-    if let Err(e) = server.storage.delete_user_data(owner, &pending_key(contact)).await {
+    if let Err(e) = server
+        .storage
+        .delete_user_data(owner, &pending_key(contact))
+        .await
+    {
         tracing::error!(error = %e, "clearing a pending subscription failed");
     }
 }
@@ -238,14 +264,24 @@ async fn send_unavailable_from_all(server: &Arc<Server>, owner: &str, contact: &
     for r in server.router.resources(owner) {
         if r.presence.available {
             server
-                .route(stanza::presence(Some("unavailable"), &r.handle.full_jid(), contact))
+                .route(stanza::presence(
+                    Some("unavailable"),
+                    &r.handle.full_jid(),
+                    contact,
+                ))
                 .await;
         }
     }
 }
 
 /// §3.1.2, §3.2.2, §3.3.2, §3.4: subscription stanzas from a local user.
-async fn outbound_subscription(server: &Arc<Server>, session: &SessionHandle, ty: &str, mut stanza: Element, to: Addr) {
+async fn outbound_subscription(
+    server: &Arc<Server>,
+    session: &SessionHandle,
+    ty: &str,
+    mut stanza: Element,
+    to: Addr,
+) {
     let owner = session.bare.clone();
     let contact = to.bare();
     if contact == owner {
@@ -337,7 +373,12 @@ async fn outbound_subscription(server: &Arc<Server>, session: &SessionHandle, ty
 }
 
 /// Presence addressed to a local account that exists (`resource` when to a full JID).
-pub async fn inbound(server: &Arc<Server>, owner: &str, resource: Option<&str>, mut stanza: Element) {
+pub async fn inbound(
+    server: &Arc<Server>,
+    owner: &str,
+    resource: Option<&str>,
+    mut stanza: Element,
+) {
     let ty = stanza::stanza_type(&stanza).to_string();
     let Some(from) = stanza.attr("from").and_then(|f| Addr::parse(f).ok()) else {
         return;
@@ -396,7 +437,13 @@ async fn answer_probe(server: &Arc<Server>, owner: &str, from: &Addr) {
 }
 
 /// §3.1.3, §3.1.6, §3.2.3, §3.3.3: subscription stanzas to a local user.
-async fn inbound_subscription(server: &Arc<Server>, owner: &str, contact: &str, ty: &str, stanza: Element) {
+async fn inbound_subscription(
+    server: &Arc<Server>,
+    owner: &str,
+    contact: &str,
+    ty: &str,
+    stanza: Element,
+) {
     let existing = match server.storage.roster_item(owner, contact).await {
         Ok(i) => i,
         Err(e) => {

@@ -53,7 +53,11 @@ impl IqHandler for Private {
             return Err(StanzaError::new(StanzaErrorCondition::NotAcceptable));
         };
         let mut query = Element::new("query", ns::PRIVATE);
-        match storage.get_user_data(owner, &key(asked)).await.map_err(internal)? {
+        match storage
+            .get_user_data(owner, &key(asked))
+            .await
+            .map_err(internal)?
+        {
             Some(bytes) => {
                 let stored = String::from_utf8(bytes)
                     .ok()

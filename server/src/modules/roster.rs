@@ -38,14 +38,20 @@ impl IqHandler for Roster {
             set(req.server, owner, req.payload).await.map(|()| None)
         } else {
             if let Some(s) = req.session {
-                req.server.router.update_presence(s, |p| p.interested = true);
+                req.server
+                    .router
+                    .update_presence(s, |p| p.interested = true);
             }
             get(req.server, owner, req.payload.attr("ver")).await
         }
     }
 }
 
-async fn get(server: &Arc<Server>, owner: &str, ver: Option<&str>) -> Result<Option<Element>, StanzaError> {
+async fn get(
+    server: &Arc<Server>,
+    owner: &str,
+    ver: Option<&str>,
+) -> Result<Option<Element>, StanzaError> {
     let (version, items) = server.storage.roster(owner).await.map_err(internal)?;
     let current = version.to_string();
     // §2.6.3: an unchanged roster is answered with an empty result.
@@ -63,7 +69,9 @@ async fn set(server: &Arc<Server>, owner: &str, query: &Element) -> Result<(), S
     // §2.3.3: exactly one item.
     let mut items = query.children().filter(|c| c.is("item", ns::ROSTER));
     let (Some(item), None) = (items.next(), items.next()) else {
-        return Err(StanzaError::new(Cond::BadRequest).with_text("a roster set carries exactly one item"));
+        return Err(
+            StanzaError::new(Cond::BadRequest).with_text("a roster set carries exactly one item")
+        );
     };
     if query.children().count() != 1 {
         return Err(StanzaError::new(Cond::BadRequest));
@@ -76,7 +84,11 @@ async fn set(server: &Arc<Server>, owner: &str, query: &Element) -> Result<(), S
         return Err(StanzaError::new(Cond::JidMalformed).with_text("roster items are bare JIDs"));
     }
     let contact = contact.bare();
-    let existing = server.storage.roster_item(owner, &contact).await.map_err(internal)?;
+    let existing = server
+        .storage
+        .roster_item(owner, &contact)
+        .await
+        .map_err(internal)?;
     match item.attr("subscription") {
         Some("remove") => return remove(server, owner, &contact, existing).await,
         // §2.1.2.5: the client may not set the subscription state (other than remove).
@@ -155,7 +167,11 @@ async fn remove(
 }
 
 /// Stores an item and pushes it to the owner's interested resources.
-pub async fn save_and_push(server: &Arc<Server>, owner: &str, item: RosterItem) -> Result<(), StanzaError> {
+pub async fn save_and_push(
+    server: &Arc<Server>,
+    owner: &str,
+    item: RosterItem,
+) -> Result<(), StanzaError> {
     let element = item_element(&item);
     let version = server
         .storage
