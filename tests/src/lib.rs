@@ -46,7 +46,8 @@ impl TestPki {
             let key = rcgen::KeyPair::generate()?;
             let params = rcgen::CertificateParams::new(vec![d.to_string()])?;
             let cert = params.signed_by(&key, &ca, &ca_key)?;
-            std::fs::write(dir.join(format!("{d}.pem")), cert.pem())?;
+            // Written as a full chain, leaf first, as Let's Encrypt's fullchain.pem.
+            std::fs::write(dir.join(format!("{d}.pem")), cert.pem() + &ca.pem())?;
             std::fs::write(dir.join(format!("{d}.key")), key.serialize_pem())?;
         }
         Ok(TestPki {
@@ -87,23 +88,33 @@ impl TestServer {
 
     /// Starts a server after letting `adjust` change the test config.
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Result<TestServer> {
+        Self::start_domains(&[DOMAIN], adjust).await
+    }
+
+    /// Starts a server for several domains, each with a certificate from the test CA.
+    pub async fn start_domains(
+        domains: &[&str],
+        adjust: impl FnOnce(&mut Config),
+    ) -> Result<TestServer> {
         init_tracing();
         let dir = tempfile::tempdir()?;
-        let pki = TestPki::create(dir.path(), &[DOMAIN])?;
+        let pki = TestPki::create(dir.path(), domains)?;
         let mut config = Config {
-            domains: vec![DOMAIN.to_string()],
+            domains: domains.iter().map(|d| d.to_string()).collect(),
             data_dir: dir.path().join("data"),
             ..Config::default()
         };
         config.c2s.listen = vec!["127.0.0.1:0".into()];
         config.c2s.tls_listen = vec!["127.0.0.1:0".into()];
-        config.tls.insert(
-            DOMAIN.to_string(),
-            confab::config::TlsFiles {
-                cert: dir.path().join(format!("{DOMAIN}.pem")),
-                key: dir.path().join(format!("{DOMAIN}.key")),
-            },
-        );
+        for d in domains {
+            config.tls.insert(
+                d.to_string(),
+                confab::config::TlsFiles {
+                    cert: dir.path().join(format!("{d}.pem")),
+                    key: dir.path().join(format!("{d}.key")),
+                },
+            );
+        }
         adjust(&mut config);
         config.normalize()?;
         let running = start_running(&config).await?;
@@ -145,6 +156,18 @@ impl TestServer {
         )
         .await?;
         Ok(bare)
+    }
+
+    /// Creates an account with a full bare JID (any served domain).
+    pub async fn add_account(&self, jid: &str, password: &str) -> Result<String> {
+        Ok(confab::accounts::add_user(
+            self.storage().as_ref(),
+            &self.config.domains,
+            jid,
+            password,
+            self.config.auth.scram_iterations,
+        )
+        .await?)
     }
 
     /// Stops the server (graceful shutdown) and starts it again on the same data dir.
@@ -270,6 +293,27 @@ impl Client {
         let mut c = Client::connect_raw(addr).await?;
         c.open_stream().await?;
         Ok(c)
+    }
+
+    /// Connects over plain TCP and opens a stream to `domain`.
+    pub async fn connect_to(addr: SocketAddr, domain: &str) -> Result<Client> {
+        let mut c = Client::connect_raw(addr).await?;
+        c.domain = domain.to_string();
+        c.open_stream().await?;
+        Ok(c)
+    }
+
+    /// The certificate chain the server presented on this TLS connection.
+    pub fn peer_certificates(&self) -> Vec<Vec<u8>> {
+        match &self.conn {
+            ClientConn::Tls(s) => s
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(|c| c.iter().map(|c| c.as_ref().to_vec()).collect())
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        }
     }
 
     /// Connects without sending anything.
