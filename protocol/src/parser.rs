@@ -203,12 +203,19 @@ enum Unit {
     Close,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Scanner {
     unit: Unit,
     lex: Lex,
     /// Open elements of the unit.
     depth: usize,
+    /// Names of the open elements (at most `max_depth`), so a mismatched end tag is
+    /// refused when it arrives instead of leaving the unit waiting for more input.
+    open: Vec<Vec<u8>>,
+    /// The tag name being read (start or end tag).
+    name: Vec<u8>,
+    /// Still inside the name of the current start tag.
+    naming: bool,
 }
 
 enum Scan {
@@ -226,6 +233,10 @@ impl Scanner {
             unit,
             lex,
             depth: 0,
+            open: Vec::new(),
+            name: Vec::new(),
+            // A unit that starts inside a start tag starts with its name.
+            naming: matches!(lex, Lex::StartTag { .. }),
         }
     }
 
@@ -254,11 +265,16 @@ impl Scanner {
                     _ => {}
                 },
                 Lex::TagStart => match b {
-                    b'/' => self.lex = Lex::EndTag,
+                    b'/' => {
+                        self.name.clear();
+                        self.lex = Lex::EndTag
+                    }
                     b'!' => self.lex = Lex::Bang,
                     b'?' => return Err(restricted("processing instruction")),
                     _ => {
                         // The byte belongs to the tag name: rescan it there.
+                        self.name.clear();
+                        self.naming = true;
                         self.lex = Lex::StartTag {
                             quote: None,
                             slash: false,
@@ -276,6 +292,7 @@ impl Scanner {
                     b'<' => return Err(nwf("'<' inside a tag")),
                     b'>' => {
                         *pos += 1;
+                        self.naming = false;
                         if self.unit == Unit::Header {
                             return Ok(Scan::Complete {
                                 end: *pos,
@@ -294,11 +311,19 @@ impl Scanner {
                             }
                         } else {
                             self.depth += 1;
+                            self.open.push(std::mem::take(&mut self.name));
                         }
                         self.lex = Lex::Content;
                         continue;
                     }
                     _ => {
+                        if self.naming {
+                            if b == b'/' || b.is_ascii_whitespace() {
+                                self.naming = false;
+                            } else {
+                                self.name.push(b);
+                            }
+                        }
                         self.lex = Lex::StartTag {
                             quote: None,
                             slash: b == b'/',
@@ -325,6 +350,13 @@ impl Scanner {
                 Lex::EndTag => match b {
                     b'>' => {
                         *pos += 1;
+                        if self.unit != Unit::Close {
+                            // XML 1.0 §3 [GIEC]: the end tag names the open element.
+                            match self.open.pop() {
+                                Some(open) if open == self.name => {}
+                                _ => return Err(nwf("mismatched end tag")),
+                            }
+                        }
                         self.depth = self.depth.saturating_sub(1);
                         if self.unit == Unit::Close || self.depth == 0 {
                             return Ok(Scan::Complete {
@@ -336,7 +368,8 @@ impl Scanner {
                         continue;
                     }
                     b'<' | b'"' | b'\'' => return Err(nwf("malformed end tag")),
-                    _ => {}
+                    _ if b.is_ascii_whitespace() => {}
+                    _ => self.name.push(b),
                 },
                 Lex::Bang => {
                     // `<!` in content is either CDATA or something XMPP forbids
@@ -1482,6 +1515,9 @@ mod tests {
             "<message><xml:body/></message>",
             "<message><</message>",
             "</message>",
+            // The mismatch is refused when it arrives, not once the depth is back to 0.
+            "<message><body>x</message>",
+            "<message><body>x</bodyx>",
         ] {
             assert!(
                 matches!(err_after_header(case), XmlError::NotWellFormed(_)),

@@ -135,15 +135,17 @@ impl Router {
         )
     }
 
-    /// Registers a bound resource. A session already holding that resource is returned
-    /// so the caller can close it: the newest login wins (RFC 6120 §7.7.2.2, option 2).
-    pub fn bind(&self, handle: SessionHandle) -> Option<SessionHandle> {
+    /// Registers a bound resource. A session already holding that resource is removed
+    /// and returned with its presence state, so the caller can close it and send the
+    /// unavailable presence it owes: the newest login wins (RFC 6120 §7.7.2.2, option 2).
+    pub fn bind(&self, handle: SessionHandle) -> Option<(SessionHandle, PresenceState)> {
         let mut map = self.write();
         let list = map.entry(handle.bare.clone()).or_default();
         let old = list
             .iter()
             .position(|e| e.handle.resource == handle.resource)
-            .map(|i| list.remove(i).handle);
+            .map(|i| list.remove(i))
+            .map(|e| (e.handle, e.presence));
         list.push(Entry {
             handle,
             presence: PresenceState::default(),

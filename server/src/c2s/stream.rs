@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use confab_protocol::sasl::{
     decode_payload, encode_payload, parse_plain, verify_password, ChannelBindings, ScramHash,
-    ScramServer,
+    ScramKeys, ScramServer,
 };
 use confab_protocol::{
     ns, Element, ParserLimits, StanzaErrorCondition, StreamError, StreamErrorCondition as SErr,
@@ -72,8 +72,16 @@ struct C2sStream {
 
 /// Serves one connection to its end.
 pub(super) async fn run(server: Arc<Server>, tcp: TcpStream, peer: SocketAddr, direct_tls: bool) {
+    // Subscribed before anything else, and read with `wait_for`, so that a shutdown that
+    // happens at any point of the connection's life (even before this task ran) is seen.
+    let mut shutdown = server.shutdown_signal();
     let conn = if direct_tls {
-        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, server.tls.accept(tcp)).await {
+        let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, server.tls.accept(tcp));
+        let accepted = tokio::select! {
+            r = handshake => r,
+            _ = shutdown.wait_for(|down| *down) => return,
+        };
+        match accepted {
             Ok(Ok(s)) => Conn::Tls(Box::new(s)),
             Ok(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -101,18 +109,29 @@ pub(super) async fn run(server: Arc<Server>, tcp: TcpStream, peer: SocketAddr, d
         auth_failures: 0,
     };
     let login_timeout = Duration::from_secs(server.config.limits.login_timeout_secs);
-    let bound = match tokio::time::timeout(login_timeout, s.negotiate()).await {
-        Ok(Ok(b)) => b,
-        Ok(Err(end)) => return s.finish(end).await,
-        Err(_) => {
+    // A stream still negotiating is closed at shutdown too (DESIGN: every stream gets
+    // system-shutdown), not left to hold the server's state until its login timeout.
+    let negotiated = tokio::select! {
+        r = tokio::time::timeout(login_timeout, s.negotiate()) => Some(r),
+        _ = shutdown.wait_for(|down| *down) => None,
+    };
+    let bound = match negotiated {
+        Some(Ok(Ok(b))) => b,
+        Some(Ok(Err(end))) => return s.finish(end).await,
+        Some(Err(_)) => {
             return s
                 .finish(End::error(SErr::ConnectionTimeout, "no login in time"))
+                .await
+        }
+        None => {
+            return s
+                .finish(End::Stream(StreamError::new(SErr::SystemShutdown)))
                 .await
         }
     };
     let (handle, receiver) = bound;
     tracing::info!(jid = %handle.full_jid(), peer = %s.peer, tls = s.conn.is_tls(), "session started");
-    let end = s.session(&handle, receiver).await;
+    let end = s.session(&handle, receiver, shutdown).await;
     if let Some(state) = server.router.unbind(&handle) {
         presence::session_ended(&server, &handle, state).await;
     }
@@ -575,32 +594,38 @@ impl C2sStream {
             Ok(c) => c,
             Err(e) => return Ok(Sasl::Failure(e.condition())),
         };
-        let Some(bare) = self.account_for(&creds.authcid) else {
-            return Ok(Sasl::Failure("not-authorized"));
-        };
-        if !self.authzid_ok(creds.authzid.as_deref(), Some(&bare)) {
+        let bare = self.account_for(&creds.authcid);
+        if !self.authzid_ok(creds.authzid.as_deref(), bare.as_deref()) {
             return Ok(Sasl::Failure("invalid-authzid"));
         }
-        let keys = match self.server.storage.account(&bare).await {
-            Ok(Some(acct)) => keys_for(&acct.credentials, ScramHash::Sha256),
-            Ok(None) => None,
-            Err(e) => {
-                tracing::error!(error = %e, "account lookup failed");
-                return Ok(Sasl::Failure("temporary-auth-failure"));
-            }
+        let keys = match &bare {
+            Some(b) => match self.server.storage.account(b).await {
+                Ok(Some(acct)) => keys_for(&acct.credentials, ScramHash::Sha256),
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::error!(error = %e, "account lookup failed");
+                    return Ok(Sasl::Failure("temporary-auth-failure"));
+                }
+            },
+            None => None,
         };
         let password = creds.password.clone();
-        // PBKDF2 is deliberately slow: keep it off the async worker threads.
-        let ok = match keys {
-            Some(k) => tokio::task::spawn_blocking(move || verify_password(&k, &password))
-                .await
-                .unwrap_or(false),
-            None => false,
-        };
-        if ok {
-            Ok(Sasl::Success { bare, data: None })
-        } else {
-            Ok(Sasl::Failure("not-authorized"))
+        let iterations = self.server.config.auth.scram_iterations;
+        // PBKDF2 is deliberately slow: keep it off the async worker threads. An unknown
+        // user costs the same derivation, so the time to answer does not tell which
+        // accounts exist (the same concern as SCRAM's fake salts, RFC 5802 §9).
+        let ok = tokio::task::spawn_blocking(move || match keys {
+            Some(k) => verify_password(&k, &password),
+            None => {
+                let _ = ScramKeys::derive(ScramHash::Sha256, &password, &[0u8; 16], iterations);
+                false
+            }
+        })
+        .await
+        .unwrap_or(false);
+        match (ok, bare) {
+            (true, Some(bare)) => Ok(Sasl::Success { bare, data: None }),
+            _ => Ok(Sasl::Failure("not-authorized")),
         }
     }
 
@@ -645,11 +670,13 @@ impl C2sStream {
         let (handle, receiver) =
             router.new_session(bare, resource, self.server.config.limits.session_queue);
         // RFC 6120 §7.7.2.2: the new session takes over; the old one is told why.
-        if let Some(old) = router.bind(handle.clone()) {
+        if let Some((old, state)) = router.bind(handle.clone()) {
             old.kill(
                 StreamError::new(SErr::Conflict)
                     .with_text("replaced by a new login with the same resource"),
             );
+            // The old session is no longer registered, so its own end cannot do this.
+            presence::session_ended(&self.server, &old, state).await;
         }
         let full = handle.full_jid();
         let reply = stanza::iq_result(
@@ -676,14 +703,18 @@ impl C2sStream {
 
     // ---- the bound session -------------------------------------------------------------
 
-    async fn session(&mut self, handle: &SessionHandle, mut receiver: SessionReceiver) -> End {
+    async fn session(
+        &mut self,
+        handle: &SessionHandle,
+        mut receiver: SessionReceiver,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> End {
         enum Wake {
             Shutdown,
             Killed,
             Queue(Option<ToSession>),
             Read(std::io::Result<usize>),
         }
-        let mut shutdown = self.server.shutdown_signal();
         loop {
             // Stanzas the client pipelined are handled before reading more.
             loop {
@@ -706,7 +737,7 @@ impl C2sStream {
                 }
             }
             let wake = tokio::select! {
-                _ = shutdown.changed() => Wake::Shutdown,
+                _ = shutdown.wait_for(|down| *down) => Wake::Shutdown,
                 _ = receiver.kill.changed() => Wake::Killed,
                 m = receiver.rx.recv() => Wake::Queue(m),
                 r = self.conn.read(&mut self.buf) => Wake::Read(r),
