@@ -1,12 +1,72 @@
 //! Server-to-server links for confab.
 //!
 //! The router talks to federation only through [`Federation`]: it hands over stanzas
-//! for remote domains and gets told when one cannot be delivered. Until server-to-server
-//! streams exist, [`NoFederation`] refuses every remote domain, which the router turns
-//! into `remote-server-not-found` for the sender (RFC 6120 §8.3.3.15).
+//! for remote domains, and federation hands back, through [`Host`], stanzas that arrived
+//! from authenticated remote domains and stanzas that could not be delivered (to bounce
+//! to their senders, RFC 6120 §8.3.3). Federation knows nothing of rosters or sessions.
+//!
+//! [`FederationService`] is the real thing: DNS discovery (`dns`), TLS with certificate
+//! checks (`verify`), SASL EXTERNAL or dialback (`dialback`), outgoing links with a queue
+//! while they connect, incoming links on the s2s listeners. [`NoFederation`] refuses
+//! every remote domain.
+
+pub mod config;
+pub mod dialback;
+pub mod dns;
+mod incoming;
+mod outgoing;
+pub mod service;
+mod stream;
+pub mod verify;
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
-use confab_protocol::Element;
+use confab_protocol::{Element, StreamError};
+use rustls::sign::CertifiedKey;
+
+pub use config::{DomainPolicy, FederationConfig};
+pub use service::{AuthMethod, FederationService, LinkInfo, SetupError};
+
+/// What federation needs from the rest of the server.
+#[async_trait]
+pub trait Host: Send + Sync + 'static {
+    fn is_local_domain(&self, domain: &str) -> bool;
+    /// The domain to name in a stream header when the peer named none of ours.
+    fn default_domain(&self) -> Option<String>;
+    /// Our certificate for a local domain (offered as client certificate for EXTERNAL).
+    fn certificate(&self, domain: &str) -> Option<Arc<CertifiedKey>>;
+    /// A stanza from an authenticated remote domain to one of ours, in `jabber:client`.
+    async fn deliver(&self, stanza: Element);
+    /// A stanza accepted by [`Federation::send`] that could not be delivered.
+    async fn bounce(&self, stanza: Element, error: FederationError);
+}
+
+/// Why a link could not be established or ended.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum LinkError {
+    #[error("DNS: {0}")]
+    Dns(String),
+    #[error("connect: {0}")]
+    Connect(String),
+    #[error("timed out")]
+    Timeout,
+    #[error("I/O: {0}")]
+    Io(String),
+    #[error("connection closed")]
+    Closed,
+    #[error("stream error: {0}")]
+    Stream(StreamError),
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("policy: {0}")]
+    Policy(String),
+    #[error("not authenticated: {0}")]
+    NotAuthenticated(String),
+}
 
 /// Why a stanza could not be handed to a remote domain.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

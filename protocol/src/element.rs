@@ -234,6 +234,18 @@ impl Element {
     /// where the output is inserted (for stanzas: the stream's default
     /// namespace, RFC 6120 §4.8.3); `xmlns` is only written where an element's
     /// namespace differs from the one in scope.
+    /// Renames namespace `from` to `to` here and in every descendant. Stanzas are
+    /// `jabber:client` inside the server and `jabber:server` between servers
+    /// (RFC 6120 §4.8.3); the content namespace of a stanza follows its default.
+    pub fn map_ns(&mut self, from: &str, to: &str) {
+        if self.ns == from {
+            self.ns = to.to_string();
+        }
+        for child in self.children_mut() {
+            child.map_ns(from, to);
+        }
+    }
+
     pub fn write_to(&self, out: &mut Vec<u8>, parent_ns: &str) {
         out.push(b'<');
         out.extend_from_slice(self.name.as_bytes());
@@ -390,6 +402,26 @@ mod tests {
                 "active",
                 "http://jabber.org/protocol/chatstates",
             ))
+    }
+
+    #[test]
+    fn map_ns_renames_the_stanza_namespace_throughout() {
+        let mut m = Element::parse(
+            "<message xmlns='jabber:server' to='a@b'><body>x</body><x xmlns='urn:x'><y/></x></message>",
+        )
+        .unwrap();
+        m.map_ns("jabber:server", "jabber:client");
+        assert_eq!(m.ns(), "jabber:client");
+        assert_eq!(
+            m.get_child("body", "jabber:client").map(|b| b.text()),
+            Some("x".into())
+        );
+        assert_eq!(
+            m.get_child("x", "urn:x")
+                .and_then(|x| x.first_child())
+                .map(|y| y.ns()),
+            Some("urn:x")
+        );
     }
 
     #[test]

@@ -48,5 +48,7 @@ pub const DELAY: &str = "urn:xmpp:delay";
 pub const XML: &str = "http://www.w3.org/XML/1998/namespace";
 /// Server dialback (XEP-0220).
 pub const DIALBACK: &str = "jabber:server:dialback";
+/// XEP-0220 §2.4: the stream feature announcing dialback (with error support).
+pub const DIALBACK_FEATURE: &str = "urn:xmpp:features:dialback";
 /// Entity capabilities (XEP-0115).
 pub const CAPS: &str = "http://jabber.org/protocol/caps";

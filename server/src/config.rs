@@ -32,6 +32,7 @@ pub struct Config {
     /// `error`, `warn`, `info`, `debug` or `trace`, or a tracing filter directive.
     pub log_level: String,
     pub c2s: C2sConfig,
+    pub s2s: S2sConfig,
     pub auth: AuthConfig,
     pub limits: Limits,
     /// Certificate and key per domain; domains without an entry get a self-signed
@@ -48,6 +49,43 @@ pub struct C2sConfig {
     pub tls_listen: Vec<String>,
     /// Require TLS before authentication (RFC 6120 §5.3.1). Turn off only for local tests.
     pub require_encryption: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S2sConfig {
+    /// Federate with other domains at all.
+    pub enabled: bool,
+    /// Addresses for servers that connect in plaintext and upgrade with STARTTLS.
+    pub listen: Vec<String>,
+    /// Addresses for servers that start with TLS (XEP-0368).
+    pub tls_listen: Vec<String>,
+    /// Links must be encrypted (RFC 6120 §5.1).
+    pub require_encryption: bool,
+    /// Use server dialback (XEP-0220) when certificates do not authenticate a peer.
+    pub allow_dialback: bool,
+    pub connect_timeout_secs: u64,
+    /// Outgoing links without traffic for this long are closed.
+    pub idle_timeout_secs: u64,
+    /// Stanzas queued per outgoing link while it connects.
+    pub queue: usize,
+    /// Largest stanza accepted from a server, in bytes.
+    pub max_stanza_size: usize,
+    /// Trust the operating system's CA certificates for peers.
+    pub use_system_roots: bool,
+    /// Extra CA certificates (PEM) trusted for peers.
+    pub ca_files: Vec<PathBuf>,
+    /// DNS servers (`IP:PORT`) for finding peers; empty: the system's resolver.
+    pub nameservers: Vec<String>,
+    /// Per remote domain overrides.
+    pub domains: BTreeMap<String, S2sDomainPolicy>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S2sDomainPolicy {
+    pub require_encryption: Option<bool>,
+    pub allow_dialback: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -92,6 +130,7 @@ impl Default for Config {
             data_dir: PathBuf::from("data"),
             log_level: "info".to_string(),
             c2s: C2sConfig::default(),
+            s2s: S2sConfig::default(),
             auth: AuthConfig::default(),
             limits: Limits::default(),
             tls: BTreeMap::new(),
@@ -105,6 +144,26 @@ impl Default for C2sConfig {
             listen: vec!["[::]:5222".to_string()],
             tls_listen: vec!["[::]:5223".to_string()],
             require_encryption: true,
+        }
+    }
+}
+
+impl Default for S2sConfig {
+    fn default() -> Self {
+        S2sConfig {
+            enabled: true,
+            listen: vec!["[::]:5269".to_string()],
+            tls_listen: vec!["[::]:5270".to_string()],
+            require_encryption: true,
+            allow_dialback: true,
+            connect_timeout_secs: 10,
+            idle_timeout_secs: 600,
+            queue: 1000,
+            max_stanza_size: 512 * 1024,
+            use_system_roots: true,
+            ca_files: Vec::new(),
+            nameservers: Vec::new(),
+            domains: BTreeMap::new(),
         }
     }
 }
@@ -150,6 +209,11 @@ impl Config {
         if let Some(dir) = path.parent() {
             if config.data_dir.is_relative() {
                 config.data_dir = dir.join(&config.data_dir);
+            }
+            for ca in config.s2s.ca_files.iter_mut() {
+                if ca.is_relative() {
+                    *ca = dir.join(&*ca);
+                }
             }
             for files in config.tls.values_mut() {
                 if files.cert.is_relative() {
@@ -206,7 +270,31 @@ impl Config {
                 )));
             }
         }
-        for addr in self.c2s.listen.iter().chain(&self.c2s.tls_listen) {
+        for ns in &self.s2s.nameservers {
+            ns.parse::<SocketAddr>().map_err(|_| {
+                ConfigError::Invalid(format!(
+                    "s2s.nameservers entry {ns:?} is not of the form IP:PORT (e.g. \"127.0.0.1:53\")"
+                ))
+            })?;
+        }
+        if self.s2s.max_stanza_size < 10_000 {
+            return Err(ConfigError::Invalid(
+                "s2s.max_stanza_size must be at least 10000 bytes (RFC 6120 §13.12)".into(),
+            ));
+        }
+        let mut s2s_domains = BTreeMap::new();
+        for (name, policy) in std::mem::take(&mut self.s2s.domains) {
+            s2s_domains.insert(name.to_ascii_lowercase(), policy);
+        }
+        self.s2s.domains = s2s_domains;
+        for addr in self
+            .c2s
+            .listen
+            .iter()
+            .chain(&self.c2s.tls_listen)
+            .chain(&self.s2s.listen)
+            .chain(&self.s2s.tls_listen)
+        {
             addr.parse::<SocketAddr>().map_err(|_| {
                 ConfigError::Invalid(format!(
                     "listen address {addr:?} is not of the form IP:PORT (e.g. \"[::]:5222\" or \"0.0.0.0:5222\")"
@@ -242,6 +330,69 @@ impl Config {
     pub fn cert_dir(&self) -> PathBuf {
         self.data_dir.join("certs")
     }
+
+    /// The federation settings, with the dialback secret read from (or first written
+    /// to) the data directory so keys stay valid across restarts.
+    pub fn federation(&self) -> std::io::Result<confab_federation::FederationConfig> {
+        let s = &self.s2s;
+        let secret = load_or_create_secret(&self.data_dir.join("dialback.secret"))?;
+        Ok(confab_federation::FederationConfig {
+            listen: s.listen.clone(),
+            tls_listen: s.tls_listen.clone(),
+            require_encryption: s.require_encryption,
+            allow_dialback: s.allow_dialback,
+            connect_timeout: std::time::Duration::from_secs(s.connect_timeout_secs.max(1)),
+            idle_timeout: std::time::Duration::from_secs(s.idle_timeout_secs.max(1)),
+            queue: s.queue.max(1),
+            max_stanza_size: s.max_stanza_size,
+            max_depth: self.limits.max_depth,
+            use_system_roots: s.use_system_roots,
+            ca_files: s.ca_files.clone(),
+            nameservers: s.nameservers.iter().filter_map(|n| n.parse().ok()).collect(),
+            domains: s
+                .domains
+                .iter()
+                .map(|(d, p)| {
+                    (
+                        d.clone(),
+                        confab_federation::DomainPolicy {
+                            require_encryption: p.require_encryption,
+                            allow_dialback: p.allow_dialback,
+                        },
+                    )
+                })
+                .collect(),
+            dialback_secret: secret,
+        })
+    }
+}
+
+/// A 32-byte random secret kept in `path` (mode 0600).
+fn load_or_create_secret(path: &Path) -> std::io::Result<Vec<u8>> {
+    match std::fs::read(path) {
+        Ok(bytes) if bytes.len() >= 16 => return Ok(bytes),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    use rand::RngCore;
+    let mut secret = vec![0u8; 32];
+    rand::thread_rng().fill_bytes(&mut secret);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    use std::io::Write;
+    let mut f = options.open(path)?;
+    f.write_all(&secret)?;
+    f.sync_all()?;
+    Ok(secret)
 }
 
 #[cfg(test)]

@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use confab_federation::{Federation, FederationService, Host};
+use confab_protocol::Element;
 use confab_storage::Storage;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
@@ -24,6 +26,8 @@ pub struct Server {
     pub modules: Modules,
     pub started: Instant,
     pub connections: Arc<Semaphore>,
+    /// Server-to-server links; unset when federation is off.
+    pub federation: std::sync::OnceLock<Arc<FederationService>>,
     shutdown: watch::Sender<bool>,
 }
 
@@ -34,6 +38,10 @@ pub struct RunningServer {
     pub c2s_addrs: Vec<SocketAddr>,
     /// Bound direct-TLS client addresses.
     pub c2s_tls_addrs: Vec<SocketAddr>,
+    /// Bound STARTTLS server-to-server addresses.
+    pub s2s_addrs: Vec<SocketAddr>,
+    /// Bound direct-TLS server-to-server addresses.
+    pub s2s_tls_addrs: Vec<SocketAddr>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -41,6 +49,10 @@ pub struct RunningServer {
 pub enum StartError {
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    #[error("federation: {0}")]
+    Federation(#[from] confab_federation::SetupError),
+    #[error("cannot prepare federation: {0}")]
+    FederationIo(std::io::Error),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: String,
@@ -62,6 +74,7 @@ impl Server {
             tls,
             modules: Modules::new(),
             started: Instant::now(),
+            federation: std::sync::OnceLock::new(),
             shutdown,
         }))
     }
@@ -73,6 +86,76 @@ impl Server {
     pub fn is_local_domain(&self, domain: &str) -> bool {
         self.config.is_local_domain(domain)
     }
+
+    /// Hands a stanza for a remote domain to federation; the sender gets the error
+    /// when that is impossible (RFC 6120 §8.3.3.15).
+    pub async fn send_remote(self: &Arc<Self>, remote: &str, stanza: Element) {
+        let local = stanza
+            .attr("from")
+            .and_then(|f| crate::jid::Addr::parse(f).ok())
+            .map(|a| a.domain)
+            .filter(|d| self.is_local_domain(d));
+        let Some(local) = local else {
+            return;
+        };
+        let result = match self.federation.get() {
+            Some(f) => f.send(&local, remote, stanza.clone()).await,
+            None => Err(confab_federation::FederationError::RemoteServerNotFound(
+                remote.to_string(),
+            )),
+        };
+        if let Err(e) = result {
+            self.bounce(&stanza, &e);
+        }
+    }
+
+    /// Answers a stanza that could not reach a remote domain with the matching error.
+    pub fn bounce(self: &Arc<Self>, stanza: &Element, error: &confab_federation::FederationError) {
+        use confab_protocol::StanzaErrorCondition as Cond;
+        // Presence that cannot be delivered is dropped, except subscription requests
+        // whose sender waits for an answer.
+        if stanza.name() == "presence"
+            && !matches!(stanza.attr("type"), Some("subscribe"))
+        {
+            return;
+        }
+        let cond = match error {
+            confab_federation::FederationError::RemoteServerTimeout(_) => {
+                Cond::RemoteServerTimeout
+            }
+            _ => Cond::RemoteServerNotFound,
+        };
+        self.send_error(stanza, cond);
+    }
+}
+
+/// What federation sees of the server.
+struct FederationHost(std::sync::Weak<Server>);
+
+#[async_trait::async_trait]
+impl Host for FederationHost {
+    fn is_local_domain(&self, domain: &str) -> bool {
+        self.0.upgrade().is_some_and(|s| s.is_local_domain(domain))
+    }
+    fn default_domain(&self) -> Option<String> {
+        self.0.upgrade().and_then(|s| s.config.domains.first().cloned())
+    }
+    fn certificate(&self, domain: &str) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.0
+            .upgrade()
+            .and_then(|s| s.certs.get(domain))
+            .map(|c| c.key.clone())
+    }
+    async fn deliver(&self, stanza: Element) {
+        if let Some(server) = self.0.upgrade() {
+            server.route(stanza).await;
+        }
+    }
+    async fn bounce(&self, stanza: Element, error: confab_federation::FederationError) {
+        if let Some(server) = self.0.upgrade() {
+            server.bounce(&stanza, &error);
+        }
+    }
 }
 
 impl RunningServer {
@@ -83,6 +166,19 @@ impl RunningServer {
     ) -> Result<RunningServer, StartError> {
         let server = Server::new(config, storage)?;
         let mut tasks = Vec::new();
+        let (mut s2s_addrs, mut s2s_tls_addrs) = (Vec::new(), Vec::new());
+        if server.config.s2s.enabled {
+            let fed_config = server
+                .config
+                .federation()
+                .map_err(StartError::FederationIo)?;
+            let host = Arc::new(FederationHost(Arc::downgrade(&server)));
+            let federation = FederationService::new(fed_config, host, server.certs.resolver())?;
+            let (plain, tls) = federation.start_listeners().await?;
+            s2s_addrs = plain;
+            s2s_tls_addrs = tls;
+            let _ = server.federation.set(federation);
+        }
         let mut c2s_addrs = Vec::new();
         let mut c2s_tls_addrs = Vec::new();
         for (addrs, direct_tls, out) in [
@@ -108,6 +204,8 @@ impl RunningServer {
             server,
             c2s_addrs,
             c2s_tls_addrs,
+            s2s_addrs,
+            s2s_tls_addrs,
             tasks,
         })
     }
@@ -115,6 +213,9 @@ impl RunningServer {
     /// Stops accepting, closes every stream with `system-shutdown`, flushes storage.
     pub async fn shutdown(self) {
         self.server.shutdown.send_replace(true);
+        if let Some(f) = self.server.federation.get() {
+            f.shutdown();
+        }
         for t in &self.tasks {
             t.abort();
         }

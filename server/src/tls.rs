@@ -97,6 +97,16 @@ impl CertStore {
             .unwrap_or_else(|| self.default.clone())
     }
 
+    /// The certificate of exactly this domain, if served.
+    pub fn get(&self, domain: &str) -> Option<Arc<DomainCert>> {
+        self.by_domain.get(domain).cloned()
+    }
+
+    /// A certificate resolver by SNI over these certificates (for other listeners).
+    pub fn resolver(self: &Arc<Self>) -> Arc<dyn ResolvesServerCert> {
+        Arc::new(SniResolver(self.clone()))
+    }
+
     /// A rustls server configuration serving these certificates.
     pub fn server_config(self: &Arc<Self>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
         let config =

@@ -4,6 +4,7 @@
 //!
 //! Every wait is an event with a timeout; nothing sleeps for a fixed time.
 
+pub mod dns;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -106,6 +107,13 @@ impl TestServer {
         };
         config.c2s.listen = vec!["127.0.0.1:0".into()];
         config.c2s.tls_listen = vec!["127.0.0.1:0".into()];
+        // Federation listens on loopback port 0 too, and trusts only the test CA.
+        config.s2s.listen = vec!["127.0.0.1:0".into()];
+        config.s2s.tls_listen = vec!["127.0.0.1:0".into()];
+        config.s2s.use_system_roots = false;
+        let ca_file = dir.path().join("test-ca.pem");
+        std::fs::write(&ca_file, &pki.ca_pem)?;
+        config.s2s.ca_files = vec![ca_file];
         for d in domains {
             config.tls.insert(
                 d.to_string(),

@@ -1,0 +1,289 @@
+//! The byte and XML level of a server-to-server stream, shared by both directions.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use confab_protocol::{ns, Element, ParserLimits, StreamError, StreamEvent, StreamParser};
+use rustls_pki_types::CertificateDer;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::LinkError;
+
+pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A link's transport, before or after TLS, in either role.
+pub(crate) enum Conn {
+    Plain(TcpStream),
+    Server(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Client(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Gone,
+}
+
+impl Conn {
+    pub(crate) fn is_tls(&self) -> bool {
+        matches!(self, Conn::Server(_) | Conn::Client(_))
+    }
+
+    /// The certificate chain the peer presented, leaf first.
+    pub(crate) fn peer_certificates(&self) -> Vec<CertificateDer<'static>> {
+        let certs = match self {
+            Conn::Server(s) => s.get_ref().1.peer_certificates(),
+            Conn::Client(s) => s.get_ref().1.peer_certificates(),
+            _ => None,
+        };
+        certs
+            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn take_plain(&mut self) -> Option<TcpStream> {
+        match std::mem::replace(self, Conn::Gone) {
+            Conn::Plain(tcp) => Some(tcp),
+            other => {
+                *self = other;
+                None
+            }
+        }
+    }
+}
+
+fn gone() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "connection is being upgraded")
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Server(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Conn::Client(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Conn::Gone => Poll::Ready(Err(gone())),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Server(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Conn::Client(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Conn::Gone => Poll::Ready(Err(gone())),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Server(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Conn::Client(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Conn::Gone => Poll::Ready(Err(gone())),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Server(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Conn::Client(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Conn::Gone => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+/// An XML stream over a [`Conn`]: reading events, writing elements in `jabber:server`.
+pub(crate) struct XmlStream {
+    pub(crate) conn: Conn,
+    parser: StreamParser,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+}
+
+impl XmlStream {
+    pub(crate) fn new(conn: Conn, limits: ParserLimits) -> XmlStream {
+        XmlStream {
+            conn,
+            parser: StreamParser::new(limits),
+            buf: vec![0; 16 * 1024],
+            out: Vec::with_capacity(4096),
+        }
+    }
+
+    /// Forgets parser state for a stream restart (after TLS or SASL).
+    pub(crate) fn restart(&mut self) {
+        self.parser.reset();
+    }
+
+    /// The next event, reading as needed.
+    pub(crate) async fn next_event(&mut self) -> Result<StreamEvent, LinkError> {
+        loop {
+            match self.parser.next_event() {
+                Ok(Some(ev)) => return Ok(ev),
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(LinkError::Stream(
+                        StreamError::new(e.condition()).with_text(e.to_string()),
+                    ))
+                }
+            }
+            self.read_more().await?;
+        }
+    }
+
+    /// The next parsed event if one is already buffered.
+    pub(crate) fn buffered_event(&mut self) -> Result<Option<StreamEvent>, LinkError> {
+        self.parser.next_event().map_err(|e| {
+            LinkError::Stream(StreamError::new(e.condition()).with_text(e.to_string()))
+        })
+    }
+
+    /// Reads once from the socket into the parser; cancel-safe.
+    pub(crate) async fn read_more(&mut self) -> Result<(), LinkError> {
+        let n = self
+            .conn
+            .read(&mut self.buf)
+            .await
+            .map_err(|e| LinkError::Io(e.to_string()))?;
+        let Some(chunk) = self.buf.get(..n).filter(|c| !c.is_empty()) else {
+            return Err(LinkError::Closed);
+        };
+        self.parser.feed(chunk);
+        Ok(())
+    }
+
+    /// The next top-level element (a stream header or close is an error here).
+    pub(crate) async fn next_element(&mut self) -> Result<Element, LinkError> {
+        match self.next_event().await? {
+            StreamEvent::Element(e) => Ok(e),
+            StreamEvent::Close => Err(LinkError::Closed),
+            StreamEvent::Open(_) => Err(LinkError::Protocol("unexpected stream header".into())),
+        }
+    }
+
+    pub(crate) async fn write_raw(&mut self, data: &[u8]) -> Result<(), LinkError> {
+        let conn = &mut self.conn;
+        let write = async {
+            conn.write_all(data).await?;
+            conn.flush().await
+        };
+        match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(LinkError::Io(e.to_string())),
+            Err(_) => Err(LinkError::Io("write timed out".into())),
+        }
+    }
+
+    /// Writes an element whose namespace is `jabber:server` or a protocol namespace.
+    pub(crate) async fn write_element(&mut self, e: &Element) -> Result<(), LinkError> {
+        let mut out = std::mem::take(&mut self.out);
+        out.clear();
+        e.write_to(&mut out, ns::SERVER);
+        let r = self.write_raw(&out).await;
+        self.out = out;
+        r
+    }
+
+    /// Appends a stanza (kept in `jabber:client` inside the server) to the write buffer
+    /// in `jabber:server`; [`XmlStream::flush_batch`] writes the batch.
+    pub(crate) fn queue_stanza(&mut self, stanza: &Element) {
+        let mut copy = stanza.clone();
+        copy.map_ns(ns::CLIENT, ns::SERVER);
+        copy.write_to(&mut self.out, ns::SERVER);
+    }
+
+    pub(crate) async fn flush_batch(&mut self) -> Result<(), LinkError> {
+        let out = std::mem::take(&mut self.out);
+        let r = self.write_raw(&out).await;
+        self.out = out;
+        self.out.clear();
+        r
+    }
+
+    /// `<stream:NAME>children</stream:NAME>` with the stream prefix.
+    pub(crate) async fn write_stream_child(
+        &mut self,
+        name: &str,
+        children: &[Element],
+    ) -> Result<(), LinkError> {
+        let mut out = Vec::new();
+        out.extend_from_slice(format!("<stream:{name}>").as_bytes());
+        for c in children {
+            c.write_to(&mut out, ns::STREAM);
+        }
+        out.extend_from_slice(format!("</stream:{name}>").as_bytes());
+        self.write_raw(&out).await
+    }
+
+    /// Opens our side of a stream (RFC 6120 §4.7, with the dialback namespace declared
+    /// so peers know we speak XEP-0220).
+    pub(crate) async fn write_header(
+        &mut self,
+        from: &str,
+        to: Option<&str>,
+        id: Option<&str>,
+    ) -> Result<(), LinkError> {
+        let mut h = format!(
+            "<?xml version='1.0'?><stream:stream xmlns='{}' xmlns:stream='{}' xmlns:db='{}' from='{}' version='1.0'",
+            ns::SERVER,
+            ns::STREAM,
+            ns::DIALBACK,
+            escape(from)
+        );
+        if let Some(to) = to {
+            h.push_str(&format!(" to='{}'", escape(to)));
+        }
+        if let Some(id) = id {
+            h.push_str(&format!(" id='{}'", escape(id)));
+        }
+        h.push('>');
+        self.write_raw(h.as_bytes()).await
+    }
+
+    /// Sends a stream error and closes (best effort, bounded in time).
+    pub(crate) async fn close_with(&mut self, error: Option<&StreamError>) {
+        let mut data = Vec::new();
+        if let Some(err) = error {
+            data.extend_from_slice(b"<stream:error>");
+            for c in err.to_element().children() {
+                c.write_to(&mut data, ns::STREAM);
+            }
+            data.extend_from_slice(b"</stream:error>");
+        }
+        data.extend_from_slice(b"</stream:stream>");
+        let conn = &mut self.conn;
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            conn.write_all(&data).await?;
+            conn.flush().await?;
+            conn.shutdown().await
+        })
+        .await;
+    }
+}
+
+pub(crate) fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('\'', "&apos;")
+        .replace('"', "&quot;")
+}
+
+/// A random stream id.
+pub(crate) fn new_id() -> String {
+    use rand::Rng;
+    let n: u128 = rand::thread_rng().gen();
+    format!("{n:032x}")
+}
+
+/// Resolves once the shutdown flag is set (or its sender is gone).
+pub(crate) async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|down| *down).await;
+}
