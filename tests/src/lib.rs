@@ -30,12 +30,30 @@ pub const DOMAIN: &str = "confab.test";
 pub struct TestPki {
     pub ca_der: Vec<u8>,
     pub ca_pem: String,
+    /// `DOMAIN.pem` (full chain) and `DOMAIN.key` for each domain, and `ca.pem`.
     pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
 }
 
 impl TestPki {
-    /// Creates a CA and one leaf certificate valid for `domains`, files in `dir`.
+    /// Creates a CA and one leaf certificate valid for each of `domains`, files in `dir`.
     pub fn create(dir: &Path, domains: &[&str]) -> Result<TestPki> {
+        let names: Vec<(&str, &str)> = domains.iter().map(|d| (*d, *d)).collect();
+        Self::create_named(dir, &names)
+    }
+
+    /// Like [`TestPki::create`] in a temporary directory of its own.
+    pub fn create_temp(domains: &[&str]) -> Result<Arc<TestPki>> {
+        let tmp = tempfile::tempdir()?;
+        let mut pki = Self::create(tmp.path(), domains)?;
+        pki._tmp = Some(tmp);
+        Ok(Arc::new(pki))
+    }
+
+    /// Creates certificates under file names that may differ from the names they are
+    /// valid for: `(file name, DNS name in the certificate)`. A server configured with
+    /// `b.test.pem` valid for `elsewhere.test` presents a certificate that does not match.
+    pub fn create_named(dir: &Path, files: &[(&str, &str)]) -> Result<TestPki> {
         let ca_key = rcgen::KeyPair::generate()?;
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
         ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -43,18 +61,20 @@ impl TestPki {
             .distinguished_name
             .push(rcgen::DnType::CommonName, "confab test CA");
         let ca = ca_params.self_signed(&ca_key)?;
-        for d in domains {
+        for (file, name) in files {
             let key = rcgen::KeyPair::generate()?;
-            let params = rcgen::CertificateParams::new(vec![d.to_string()])?;
+            let params = rcgen::CertificateParams::new(vec![name.to_string()])?;
             let cert = params.signed_by(&key, &ca, &ca_key)?;
             // Written as a full chain, leaf first, as Let's Encrypt's fullchain.pem.
-            std::fs::write(dir.join(format!("{d}.pem")), cert.pem() + &ca.pem())?;
-            std::fs::write(dir.join(format!("{d}.key")), key.serialize_pem())?;
+            std::fs::write(dir.join(format!("{file}.pem")), cert.pem() + &ca.pem())?;
+            std::fs::write(dir.join(format!("{file}.key")), key.serialize_pem())?;
         }
+        std::fs::write(dir.join("ca.pem"), ca.pem())?;
         Ok(TestPki {
             ca_der: ca.der().to_vec(),
             ca_pem: ca.pem(),
             dir: dir.to_path_buf(),
+            _tmp: None,
         })
     }
 
@@ -77,7 +97,7 @@ impl TestPki {
 pub struct TestServer {
     pub running: Option<RunningServer>,
     pub config: Config,
-    pub pki: TestPki,
+    pub pki: Arc<TestPki>,
     pub dir: tempfile::TempDir,
 }
 
@@ -97,9 +117,19 @@ impl TestServer {
         domains: &[&str],
         adjust: impl FnOnce(&mut Config),
     ) -> Result<TestServer> {
+        let pki = TestPki::create_temp(domains)?;
+        Self::start_with_pki(pki, domains, adjust).await
+    }
+
+    /// Starts a server for `domains` with certificates from a shared test CA (servers
+    /// that federate in a test trust each other through it).
+    pub async fn start_with_pki(
+        pki: Arc<TestPki>,
+        domains: &[&str],
+        adjust: impl FnOnce(&mut Config),
+    ) -> Result<TestServer> {
         init_tracing();
         let dir = tempfile::tempdir()?;
-        let pki = TestPki::create(dir.path(), domains)?;
         let mut config = Config {
             domains: domains.iter().map(|d| d.to_string()).collect(),
             data_dir: dir.path().join("data"),
@@ -111,15 +141,13 @@ impl TestServer {
         config.s2s.listen = vec!["127.0.0.1:0".into()];
         config.s2s.tls_listen = vec!["127.0.0.1:0".into()];
         config.s2s.use_system_roots = false;
-        let ca_file = dir.path().join("test-ca.pem");
-        std::fs::write(&ca_file, &pki.ca_pem)?;
-        config.s2s.ca_files = vec![ca_file];
+        config.s2s.ca_files = vec![pki.dir.join("ca.pem")];
         for d in domains {
             config.tls.insert(
                 d.to_string(),
                 confab::config::TlsFiles {
-                    cert: dir.path().join(format!("{d}.pem")),
-                    key: dir.path().join(format!("{d}.key")),
+                    cert: pki.dir.join(format!("{d}.pem")),
+                    key: pki.dir.join(format!("{d}.key")),
                 },
             );
         }
@@ -190,7 +218,18 @@ impl TestServer {
 
     /// Logs in `user` over STARTTLS with SCRAM-SHA-256 and binds `resource`.
     pub async fn login(&self, user: &str, password: &str, resource: &str) -> Result<Client> {
-        let mut c = Client::connect(self.addr()).await?;
+        self.login_at(DOMAIN, user, password, resource).await
+    }
+
+    /// [`TestServer::login`] for an account of another served domain.
+    pub async fn login_at(
+        &self,
+        domain: &str,
+        user: &str,
+        password: &str,
+        resource: &str,
+    ) -> Result<Client> {
+        let mut c = Client::connect_to(self.addr(), domain).await?;
         c.starttls(&self.pki).await?;
         c.authenticate(ScramHash::Sha256, false, user, password)
             .await?;
@@ -200,7 +239,18 @@ impl TestServer {
 
     /// [`TestServer::login`], then roster get and initial presence, as a typical client does.
     pub async fn online(&self, user: &str, password: &str, resource: &str) -> Result<Client> {
-        let mut c = self.login(user, password, resource).await?;
+        self.online_at(DOMAIN, user, password, resource).await
+    }
+
+    /// [`TestServer::online`] for an account of another served domain.
+    pub async fn online_at(
+        &self,
+        domain: &str,
+        user: &str,
+        password: &str,
+        resource: &str,
+    ) -> Result<Client> {
+        let mut c = self.login_at(domain, user, password, resource).await?;
         c.roster_get().await?;
         c.send(&Element::new("presence", ns::CLIENT)).await?;
         // Our own presence comes back to us (RFC 6121 §4.2.2).
