@@ -19,7 +19,8 @@ const DIRECT_TLS_SERVICE: &str = "_xmpps-server._tcp";
 /// The SRV service of RFC 6120 §3.2.1: plain TCP then STARTTLS.
 const STARTTLS_SERVICE: &str = "_xmpp-server._tcp";
 
-/// How long one query to a configured name server may take, and how often it is tried.
+/// How long one query to a configured name server may take, and how often it is retried
+/// (hickory's `attempts` counts retries: 1 means two tries in all, at most 4 s).
 /// Nameservers given explicitly are near (a local resolver, or a test's own server), so a
 /// dead one should be noticed quickly rather than after the system default of 2 × 5 s.
 const EXPLICIT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -65,9 +66,12 @@ pub enum DnsError {
     Config { message: String },
 }
 
+/// (priority, weight, target) of one SRV record, as [`order_srv`] takes them.
+type SrvTarget = (u16, u16, Target);
+
 /// What one SRV query said, reduced to what the ordering needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SrvAnswer {
+enum SrvAnswer {
     /// (priority, weight, port, target without trailing dot; "" for the root ".")
     Records(Vec<(u16, u16, u16, String)>),
     /// NXDOMAIN, or the name exists without SRV records.
@@ -141,12 +145,30 @@ impl Resolver {
     /// is offered, [`DnsError::NoService`]. Without any SRV records: the domain itself on
     /// `default_port`, STARTTLS (RFC 6120 §3.2.2).
     pub async fn targets(&self, domain: &str, default_port: u16) -> Result<Vec<Target>, DnsError> {
+        Ok(self.ordered_targets(domain, default_port).await?.0)
+    }
+
+    /// The ordered targets, and whether they are the fallback (no SRV records).
+    async fn ordered_targets(
+        &self,
+        domain: &str,
+        default_port: u16,
+    ) -> Result<(Vec<Target>, bool), DnsError> {
         let domain = check_domain(domain)?;
         let direct = format!("{DIRECT_TLS_SERVICE}.{domain}.");
         let starttls = format!("{STARTTLS_SERVICE}.{domain}.");
         let (direct, starttls) = tokio::join!(self.srv(&direct), self.srv(&starttls));
-        let records = combine_srv(domain, default_port, direct, starttls)?;
-        Ok(order_srv(records, &mut rand::thread_rng()))
+        match combine_srv(domain, direct, starttls)? {
+            Some(records) => Ok((order_srv(records, &mut rand::thread_rng()), false)),
+            None => Ok((
+                vec![Target {
+                    host: domain.to_string(),
+                    port: default_port,
+                    direct_tls: false,
+                }],
+                true,
+            )),
+        }
     }
 
     /// The addresses of `target` (IPv6 then IPv4, as the resolver orders them), each with
@@ -195,8 +217,7 @@ impl Resolver {
         domain: &str,
         default_port: u16,
     ) -> Result<Vec<Endpoint>, DnsError> {
-        let targets = self.targets(domain, default_port).await?;
-        let fallback = targets.len() == 1 && is_fallback(&targets[0], domain, default_port);
+        let (targets, fallback) = self.ordered_targets(domain, default_port).await?;
         let mut endpoints = Vec::new();
         let mut first_error = None;
         for target in &targets {
@@ -250,10 +271,6 @@ impl Resolver {
     }
 }
 
-fn is_fallback(target: &Target, domain: &str, default_port: u16) -> bool {
-    !target.direct_tls && target.port == default_port && target.host == domain.trim_end_matches('.')
-}
-
 /// The domain without a trailing dot, if it can name an XMPP server: IP literals cannot
 /// (RFC 6120 §3.2.1 resolves names; our peers are named by their certificates).
 fn check_domain(domain: &str) -> Result<&str, DnsError> {
@@ -268,24 +285,24 @@ fn check_domain(domain: &str) -> Result<&str, DnsError> {
     Ok(trimmed)
 }
 
-/// Merges the answers of the two SRV services into (priority, weight, target) records.
+/// Merges the answers of the two SRV services into (priority, weight, target) records;
+/// `None` when the domain itself is to be tried.
 ///
 /// A service whose only record has target "." is not offered (RFC 2782); "." records among
 /// others are ignored. If either service has usable records, those are the answer, even if
 /// the other query failed. Otherwise:
-/// - `_xmpp-server` not offered → [`DnsError::NoService`] (RFC 6120 §3.2.1 forbids the
-///   fallback once the domain has answered), likewise if both say ".";
+/// - `_xmpp-server` not offered → [`DnsError::NoService`], likewise if both say ".": the
+///   service "is decidedly not available at this domain" (RFC 2782), so no fallback;
 /// - a failed query → [`DnsError::Lookup`] (we cannot tell whether records exist);
-/// - no records for `_xmpp-server` → the domain itself on `default_port` with STARTTLS
+/// - no records for `_xmpp-server` → `None`: the domain itself with STARTTLS
 ///   (RFC 6120 §3.2.2), even if `_xmpps-server` says ".".
-pub fn combine_srv(
+fn combine_srv(
     domain: &str,
-    default_port: u16,
     direct_tls: SrvAnswer,
     starttls: SrvAnswer,
-) -> Result<Vec<(u16, u16, Target)>, DnsError> {
+) -> Result<Option<Vec<SrvTarget>>, DnsError> {
     enum Service {
-        Offered(Vec<(u16, u16, Target)>),
+        Offered(Vec<SrvTarget>),
         NotOffered,
         Absent,
         Failed(String),
@@ -334,7 +351,7 @@ pub fn combine_srv(
                 tracing::debug!(domain, %message, "one SRV query failed; using the other");
             }
         }
-        return Ok(merged);
+        return Ok(Some(merged));
     }
     let lookup_failed = |message: &String| DnsError::Lookup {
         domain: domain.to_string(),
@@ -348,15 +365,7 @@ pub fn combine_srv(
         (Service::Failed(message), _) | (_, Service::Failed(message)) => {
             Err(lookup_failed(message))
         }
-        _ => Ok(vec![(
-            0,
-            0,
-            Target {
-                host: domain.to_string(),
-                port: default_port,
-                direct_tls: false,
-            },
-        )]),
+        _ => Ok(None),
     }
 }
 
@@ -510,11 +519,11 @@ mod tests {
     fn both_services_merge() {
         let got = combine_srv(
             "b.test",
-            5269,
             SrvAnswer::Records(vec![rec(1, 5270, "x.b.test")]),
             SrvAnswer::Records(vec![rec(2, 5269, "y.b.test")]),
         )
-        .unwrap();
+        .unwrap()
+        .expect("records");
         assert_eq!(
             got,
             vec![
@@ -528,61 +537,63 @@ mod tests {
     fn dot_target_means_not_offered() {
         let dot = || SrvAnswer::Records(vec![rec(0, 0, "")]);
         assert!(matches!(
-            combine_srv("b.test", 5269, dot(), dot()),
+            combine_srv("b.test", dot(), dot()),
             Err(DnsError::NoService { .. })
         ));
         assert!(matches!(
-            combine_srv("b.test", 5269, SrvAnswer::NoRecords, dot()),
+            combine_srv("b.test", SrvAnswer::NoRecords, dot()),
             Err(DnsError::NoService { .. })
         ));
         // Only direct TLS not offered: STARTTLS records are used.
         let got = combine_srv(
             "b.test",
-            5269,
             dot(),
             SrvAnswer::Records(vec![rec(0, 5269, "y.b.test")]),
         )
-        .unwrap();
+        .unwrap()
+        .expect("records");
         assert_eq!(got, vec![(0, 0, t("y.b.test", 5269, false))]);
         // Only STARTTLS not offered: direct TLS records are used.
         let got = combine_srv(
             "b.test",
-            5269,
             SrvAnswer::Records(vec![rec(0, 5270, "x.b.test")]),
             dot(),
         )
-        .unwrap();
+        .unwrap()
+        .expect("records");
         assert_eq!(got, vec![(0, 0, t("x.b.test", 5270, true))]);
         // `_xmpps-server` says "." and `_xmpp-server` has nothing: RFC 6120 fallback.
-        let got = combine_srv("b.test", 5269, dot(), SrvAnswer::NoRecords).unwrap();
-        assert_eq!(got, vec![(0, 0, t("b.test", 5269, false))]);
+        assert_eq!(
+            combine_srv("b.test", dot(), SrvAnswer::NoRecords).unwrap(),
+            None
+        );
     }
 
     #[test]
     fn no_records_falls_back_to_the_domain() {
-        let got = combine_srv("b.test", 5999, SrvAnswer::NoRecords, SrvAnswer::NoRecords).unwrap();
-        assert_eq!(got, vec![(0, 0, t("b.test", 5999, false))]);
+        let got = combine_srv("b.test", SrvAnswer::NoRecords, SrvAnswer::NoRecords).unwrap();
+        assert_eq!(got, None);
     }
 
     #[test]
     fn failures_are_not_mistaken_for_absence() {
         let failed = || SrvAnswer::Failed("timed out".into());
         assert!(matches!(
-            combine_srv("b.test", 5269, failed(), SrvAnswer::NoRecords),
+            combine_srv("b.test", failed(), SrvAnswer::NoRecords),
             Err(DnsError::Lookup { .. })
         ));
         assert!(matches!(
-            combine_srv("b.test", 5269, SrvAnswer::NoRecords, failed()),
+            combine_srv("b.test", SrvAnswer::NoRecords, failed()),
             Err(DnsError::Lookup { .. })
         ));
         // Records from the other service are good enough.
         let got = combine_srv(
             "b.test",
-            5269,
             failed(),
             SrvAnswer::Records(vec![rec(0, 5269, "y.b.test")]),
         )
-        .unwrap();
+        .unwrap()
+        .expect("records");
         assert_eq!(got.len(), 1);
     }
 

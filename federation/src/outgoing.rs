@@ -84,8 +84,9 @@ async fn tls_connect(
     tcp: TcpStream,
     local: &str,
     remote: &str,
+    direct: bool,
 ) -> Result<Conn, LinkError> {
-    let config = svc.client_tls(local);
+    let config = svc.client_tls(local, direct);
     let connector = tokio_rustls::TlsConnector::from(config);
     let name = ServerName::try_from(remote.to_string())
         .map_err(|_| LinkError::Tls(format!("{remote} is not a valid TLS server name")))?;
@@ -108,7 +109,7 @@ async fn negotiate(
         .map_err(|e| LinkError::Connect(format!("{}: {e}", ep.addr)))?;
     let _ = tcp.set_nodelay(true);
     let conn = if ep.direct_tls {
-        tls_connect(svc, tcp, local, remote).await?
+        tls_connect(svc, tcp, local, remote, true).await?
     } else {
         Conn::Plain(tcp)
     };
@@ -147,7 +148,7 @@ async fn negotiate(
                     .conn
                     .take_plain()
                     .ok_or_else(|| LinkError::Tls("no plain connection".into()))?;
-                s.conn = tls_connect(svc, tcp, local, remote).await?;
+                s.conn = tls_connect(svc, tcp, local, remote, false).await?;
                 s.restart();
                 continue;
             }

@@ -43,6 +43,14 @@ struct LinkEntry {
     since: SystemTime,
 }
 
+/// An incoming link: the peer's address, since when, and the domains it proved.
+struct IncomingEntry {
+    #[allow(dead_code)]
+    peer: SocketAddr,
+    since: SystemTime,
+    domains: Vec<(String, AuthMethod)>,
+}
+
 /// One link as the administrator sees it.
 #[derive(Clone, Debug)]
 pub struct LinkInfo {
@@ -79,7 +87,7 @@ pub struct FederationService {
     pub(crate) server_tls: TlsAcceptor,
     this: Weak<FederationService>,
     links: Mutex<HashMap<LinkKey, LinkEntry>>,
-    incoming: Mutex<HashMap<u64, (SocketAddr, SystemTime, Vec<(String, AuthMethod)>)>>,
+    incoming: Mutex<HashMap<u64, IncomingEntry>>,
     next_id: AtomicU64,
     stanzas_out: AtomicU64,
     stanzas_in: AtomicU64,
@@ -194,9 +202,16 @@ impl FederationService {
         self.shutdown.subscribe()
     }
 
-    pub(crate) fn client_tls(&self, local: &str) -> Arc<rustls::ClientConfig> {
+    pub(crate) fn client_tls(&self, local: &str, direct: bool) -> Arc<rustls::ClientConfig> {
         let cert = ClientCert(self.host.certificate(local));
-        client_config(&self.anchors, Arc::new(cert))
+        let config = client_config(&self.anchors, Arc::new(cert));
+        if !direct {
+            return config;
+        }
+        // XEP-0368 §4: direct TLS to a server port names the protocol with ALPN.
+        let mut config = (*config).clone();
+        config.alpn_protocols = vec![b"xmpp-server".to_vec()];
+        Arc::new(config)
     }
 
     /// Queues a stanza on the link for (local, remote), starting the link if needed.
@@ -274,7 +289,14 @@ impl FederationService {
         self.incoming
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(id, (peer, SystemTime::now(), Vec::new()));
+            .insert(
+                id,
+                IncomingEntry {
+                    peer,
+                    since: SystemTime::now(),
+                    domains: Vec::new(),
+                },
+            );
         id
     }
 
@@ -292,7 +314,7 @@ impl FederationService {
             .unwrap_or_else(|e| e.into_inner())
             .get_mut(&id)
         {
-            entry.2.push((domain.to_string(), method));
+            entry.domains.push((domain.to_string(), method));
         }
     }
 
@@ -324,13 +346,13 @@ impl FederationService {
         let incoming = self.incoming.lock().unwrap_or_else(|e| e.into_inner());
         incoming
             .values()
-            .flat_map(|(_, since, domains)| {
-                domains.iter().map(|(remote, method)| LinkInfo {
+            .flat_map(|e| {
+                e.domains.iter().map(|(remote, method)| LinkInfo {
                     local: String::new(),
                     remote: remote.clone(),
                     outgoing: false,
                     method: Some(*method),
-                    since: *since,
+                    since: e.since,
                 })
             })
             .collect()
