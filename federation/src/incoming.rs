@@ -134,8 +134,13 @@ impl Incoming {
             _ => return Err(err(SErr::NotWellFormed, "expected a stream header")),
         };
         let to = header.to.clone().map(|t| t.to_ascii_lowercase());
-        let local_ok = to.as_deref().is_some_and(|t| self.svc.host.is_local_domain(t));
-        let from_header = to.clone().filter(|_| local_ok).or_else(|| self.local.clone());
+        let local_ok = to
+            .as_deref()
+            .is_some_and(|t| self.svc.host.is_local_domain(t));
+        let from_header = to
+            .clone()
+            .filter(|_| local_ok)
+            .or_else(|| self.local.clone());
         self.stream_id = new_id();
         let our_name = from_header
             .clone()
@@ -145,7 +150,10 @@ impl Incoming {
             .write_header(&our_name, header.from.as_deref(), Some(&self.stream_id))
             .await?;
         if header.default_ns != ns::SERVER {
-            return Err(err(SErr::InvalidNamespace, "this is a server port: use jabber:server"));
+            return Err(err(
+                SErr::InvalidNamespace,
+                "this is a server port: use jabber:server",
+            ));
         }
         if header.version.as_deref().and_then(|v| v.split('.').next()) != Some("1") {
             return Err(err(SErr::UnsupportedVersion, "XMPP 1.0 is required"));
@@ -200,9 +208,8 @@ impl Incoming {
         if let Some(claimed) = &self.claimed {
             if self.peer_cert_status(claimed) == CertStatus::Valid {
                 f.push(
-                    Element::new("mechanisms", ns::SASL).with_child(
-                        Element::new("mechanism", ns::SASL).with_text("EXTERNAL"),
-                    ),
+                    Element::new("mechanisms", ns::SASL)
+                        .with_child(Element::new("mechanism", ns::SASL).with_text("EXTERNAL")),
                 );
             }
         }
@@ -265,9 +272,8 @@ impl Incoming {
 
     /// XEP-0178: SASL EXTERNAL with the certificate the peer presented in TLS.
     async fn sasl_external(&mut self, el: &Element) -> Result<bool, LinkError> {
-        let failure = |cond: &str| {
-            Element::new("failure", ns::SASL).with_child(Element::new(cond, ns::SASL))
-        };
+        let failure =
+            |cond: &str| Element::new("failure", ns::SASL).with_child(Element::new(cond, ns::SASL));
         if el.attr("mechanism") != Some("EXTERNAL") || self.sasl_done {
             self.s.write_element(&failure("invalid-mechanism")).await?;
             return Ok(false);
@@ -276,7 +282,10 @@ impl Incoming {
         let text = el.text();
         let authzid = match text.trim() {
             "" | "=" => self.claimed.clone(),
-            t => match decode_payload(t).ok().and_then(|b| String::from_utf8(b).ok()) {
+            t => match decode_payload(t)
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+            {
                 Some(d) if !d.is_empty() => Some(d.to_ascii_lowercase()),
                 Some(_) => self.claimed.clone(),
                 None => {
@@ -297,10 +306,15 @@ impl Incoming {
             self.s.write_element(&failure("not-authorized")).await?;
             return Ok(false);
         }
-        self.s.write_element(&Element::new("success", ns::SASL)).await?;
+        self.s
+            .write_element(&Element::new("success", ns::SASL))
+            .await?;
         tracing::info!(peer = %self.peer, %domain, "incoming link authenticated by certificate");
-        self.svc
-            .incoming_authenticated(self.link_id, &domain, crate::service::AuthMethod::External);
+        self.svc.incoming_authenticated(
+            self.link_id,
+            &domain,
+            crate::service::AuthMethod::External,
+        );
         self.authenticated.insert(domain);
         self.sasl_done = true;
         self.s.restart();
@@ -328,22 +342,23 @@ impl Incoming {
         if !allowed {
             // XEP-0220 §2.4: refuse with an error the peer can report.
             let refusal = answer("error").with_child(
-                Element::new("error", ns::SERVER).with_attr("type", "cancel").with_child(
-                    Element::new("policy-violation", ns::STANZAS),
-                ),
+                Element::new("error", ns::SERVER)
+                    .with_attr("type", "cancel")
+                    .with_child(Element::new("policy-violation", ns::STANZAS)),
             );
             self.s.write_element(&refusal).await?;
             return Ok(());
         }
         let key = el.text();
-        let valid = match verify_dialback(&self.svc, &to, &from, &self.stream_id, key.trim()).await {
+        let valid = match verify_dialback(&self.svc, &to, &from, &self.stream_id, key.trim()).await
+        {
             Ok(v) => v,
             Err(e) => {
                 tracing::info!(%from, error = %e, "dialback verification failed");
                 let refusal = answer("error").with_child(
-                    Element::new("error", ns::SERVER).with_attr("type", "cancel").with_child(
-                        Element::new("remote-server-not-found", ns::STANZAS),
-                    ),
+                    Element::new("error", ns::SERVER)
+                        .with_attr("type", "cancel")
+                        .with_child(Element::new("remote-server-not-found", ns::STANZAS)),
                 );
                 self.s.write_element(&refusal).await?;
                 return Ok(());
@@ -368,7 +383,10 @@ impl Incoming {
     async fn dialback_verify(&mut self, el: &Element) -> Result<(), LinkError> {
         let (Some(from), Some(to), Some(id)) = (el.attr("from"), el.attr("to"), el.attr("id"))
         else {
-            return Err(err(SErr::ImproperAddressing, "dialback verify without from/to/id"));
+            return Err(err(
+                SErr::ImproperAddressing,
+                "dialback verify without from/to/id",
+            ));
         };
         if !self.svc.host.is_local_domain(to) {
             return Err(err(SErr::HostUnknown, "not a domain served here"));
@@ -395,7 +413,10 @@ impl Incoming {
             return Err(err(SErr::ImproperAddressing, "stanzas need from and to"));
         };
         if !self.authenticated.contains(&from_domain) {
-            return Err(err(SErr::InvalidFrom, "from a domain not authenticated on this link"));
+            return Err(err(
+                SErr::InvalidFrom,
+                "from a domain not authenticated on this link",
+            ));
         }
         if !self.svc.host.is_local_domain(&to_domain) {
             return Err(err(SErr::HostUnknown, "to a domain not served here"));

@@ -124,7 +124,9 @@ async fn negotiate(
             _ => return Err(LinkError::Protocol("expected a stream header".into())),
         };
         if header.default_ns != ns::SERVER {
-            return Err(LinkError::Protocol("peer is not speaking jabber:server".into()));
+            return Err(LinkError::Protocol(
+                "peer is not speaking jabber:server".into(),
+            ));
         }
         let stream_id = header.id.clone().unwrap_or_default();
         let features = s.next_element().await?;
@@ -201,7 +203,9 @@ async fn negotiate(
             }
             tracing::debug!(%remote, "SASL EXTERNAL refused, trying dialback");
         }
-        let dialback_offered = features.get_child("dialback", ns::DIALBACK_FEATURE).is_some();
+        let dialback_offered = features
+            .get_child("dialback", ns::DIALBACK_FEATURE)
+            .is_some();
         if !allow_dialback || !dialback_offered {
             return Err(LinkError::NotAuthenticated(format!(
                 "{remote} accepts neither our certificate nor dialback"
@@ -374,4 +378,3 @@ impl LinkError {
         }
     }
 }
-

@@ -170,10 +170,13 @@ impl FederationService {
             (&self.config.tls_listen, true, &mut tls),
         ] {
             for addr in addrs {
-                let listener = TcpListener::bind(addr).await.map_err(|source| SetupError::Bind {
-                    addr: addr.clone(),
-                    source,
-                })?;
+                let listener =
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|source| SetupError::Bind {
+                            addr: addr.clone(),
+                            source,
+                        })?;
                 let local = listener.local_addr().map_err(|source| SetupError::Bind {
                     addr: addr.clone(),
                     source,
@@ -212,6 +215,17 @@ impl FederationService {
         let mut config = (*config).clone();
         config.alpn_protocols = vec![b"xmpp-server".to_vec()];
         Arc::new(config)
+    }
+
+    /// Queues a stanza for `remote` without waiting (for callers that cannot await);
+    /// the same as [`Federation::send`].
+    pub fn enqueue(
+        &self,
+        local: &str,
+        remote: &str,
+        stanza: Element,
+    ) -> Result<(), FederationError> {
+        self.send_stanza(local, remote, stanza, true)
     }
 
     /// Queues a stanza on the link for (local, remote), starting the link if needed.

@@ -348,7 +348,11 @@ impl Config {
             max_depth: self.limits.max_depth,
             use_system_roots: s.use_system_roots,
             ca_files: s.ca_files.clone(),
-            nameservers: s.nameservers.iter().filter_map(|n| n.parse().ok()).collect(),
+            nameservers: s
+                .nameservers
+                .iter()
+                .filter_map(|n| n.parse().ok())
+                .collect(),
             domains: s
                 .domains
                 .iter()

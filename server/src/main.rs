@@ -1,7 +1,9 @@
+use std::process::ExitCode;
+
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = confab::cli::Cli::parse();
     let level = confab::cli::load_config(cli.config.as_ref())
         .map(|c| c.log_level)
@@ -11,6 +13,19 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(confab::cli::run(cli))
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| runtime.block_on(confab::cli::run(cli)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line with the whole cause chain: an administrator's terminal is not
+            // the place for a backtrace (returning the error from main would print one
+            // whenever RUST_BACKTRACE is set).
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -45,7 +45,15 @@ impl Server {
                     None => true,
                     Some(a) => a.is_bare() && a.bare() == session.bare,
                 };
-                if own {
+                let own_domain = to.as_ref().filter(|a| {
+                    a.node.is_none() && a.resource.is_none() && self.is_local_domain(&a.domain)
+                });
+                if let Some(domain) = own_domain {
+                    // Handled for the session itself, so session-bound requests (the
+                    // legacy <session/> of RFC 3921, sent to the domain) know who asks.
+                    let target = IqTarget::Server(domain.domain.clone());
+                    self.handle_iq(stanza, target, Some(session)).await;
+                } else if own {
                     self.handle_iq(
                         stanza,
                         IqTarget::Account(session.bare.clone()),
@@ -83,8 +91,8 @@ impl Server {
             return;
         };
         if !self.is_local_domain(&to.domain) {
-            // Federation links are not there yet: tell the sender at once (RFC 6120 §8.3.3.15).
-            self.send_error(&stanza, Cond::RemoteServerNotFound);
+            let remote = to.domain.clone();
+            self.send_remote(&remote, stanza).await;
             return;
         }
         let Some(_) = &to.node else {
@@ -159,7 +167,8 @@ impl Server {
                 }
             }
             Kind::Message => {
-                // RFC 6121 §8.5.? / RFC 6120 §10.3: the server handles it or answers with an error.
+                // RFC 6120 §10.4.1: a message to the domain itself is handled by the server or
+                // answered with an error; no module handles messages yet.
                 if !matches!(
                     stanza::stanza_type(&stanza),
                     "error" | "headline" | "groupchat"
@@ -226,6 +235,16 @@ impl Server {
             return;
         };
         if !self.is_local_domain(&to.domain) {
+            // A reply to a remote entity goes over its link; if that fails there is no
+            // one to tell (errors about errors would loop).
+            let local = reply
+                .attr("from")
+                .and_then(|f| Addr::parse(f).ok())
+                .map(|a| a.domain)
+                .filter(|d| self.is_local_domain(d));
+            if let (Some(local), Some(fed)) = (local, self.federation.get()) {
+                let _ = fed.enqueue(&local, &to.domain, reply);
+            }
             return;
         }
         match &to.resource {

@@ -114,15 +114,11 @@ impl Server {
         use confab_protocol::StanzaErrorCondition as Cond;
         // Presence that cannot be delivered is dropped, except subscription requests
         // whose sender waits for an answer.
-        if stanza.name() == "presence"
-            && !matches!(stanza.attr("type"), Some("subscribe"))
-        {
+        if stanza.name() == "presence" && !matches!(stanza.attr("type"), Some("subscribe")) {
             return;
         }
         let cond = match error {
-            confab_federation::FederationError::RemoteServerTimeout(_) => {
-                Cond::RemoteServerTimeout
-            }
+            confab_federation::FederationError::RemoteServerTimeout(_) => Cond::RemoteServerTimeout,
             _ => Cond::RemoteServerNotFound,
         };
         self.send_error(stanza, cond);
@@ -138,7 +134,9 @@ impl Host for FederationHost {
         self.0.upgrade().is_some_and(|s| s.is_local_domain(domain))
     }
     fn default_domain(&self) -> Option<String> {
-        self.0.upgrade().and_then(|s| s.config.domains.first().cloned())
+        self.0
+            .upgrade()
+            .and_then(|s| s.config.domains.first().cloned())
     }
     fn certificate(&self, domain: &str) -> Option<Arc<rustls::sign::CertifiedKey>> {
         self.0

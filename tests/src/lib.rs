@@ -32,6 +32,8 @@ pub struct TestPki {
     pub ca_pem: String,
     /// `DOMAIN.pem` (full chain) and `DOMAIN.key` for each domain, and `ca.pem`.
     pub dir: PathBuf,
+    /// Test clients accept certificates from the CA whatever name they carry.
+    pub lenient_names: bool,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -74,6 +76,7 @@ impl TestPki {
             ca_der: ca.der().to_vec(),
             ca_pem: ca.pem(),
             dir: dir.to_path_buf(),
+            lenient_names: false,
             _tmp: None,
         })
     }
@@ -81,15 +84,75 @@ impl TestPki {
     pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
         let _ = roots.add(rustls_pki_types::CertificateDer::from(self.ca_der.clone()));
-        Arc::new(
-            rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .expect("TLS versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
+            .expect("TLS versions");
+        if !self.lenient_names {
+            return Arc::new(builder.with_root_certificates(roots).with_no_client_auth());
+        }
+        let inner =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .expect("verifier");
+        Arc::new(
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(LenientNames(inner)))
+                .with_no_client_auth(),
         )
+    }
+
+    /// Lets test clients accept a certificate from the test CA whose name does not
+    /// match (tests of servers with deliberately misnamed certificates).
+    pub fn with_lenient_names(mut self) -> Self {
+        self.lenient_names = true;
+        self
+    }
+}
+
+/// Chain checks as usual, but a name mismatch is accepted.
+#[derive(Debug)]
+struct LenientNames(Arc<rustls::client::WebPkiServerVerifier>);
+
+impl rustls::client::danger::ServerCertVerifier for LenientNames {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls_pki_types::CertificateDer<'_>,
+        intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        server_name: &rustls_pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName))
+            | Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForNameContext { .. },
+            )) => Ok(rustls::client::danger::ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
     }
 }
 
@@ -520,15 +583,12 @@ impl Client {
             .with_attr("to", self.domain.clone())
             .with_child(Element::new("ping", ns::PING));
         self.send(&ping).await?;
-        loop {
-            let e = self.next().await?;
-            if e.name() == "iq" && e.attr("id") == Some(id.as_str()) {
-                return Ok(());
-            }
-            if pred(&e) {
-                bail!("unexpected {e}");
-            }
-            self.pending.push_back(e);
+        let is_pong = |e: &Element| e.name() == "iq" && e.attr("id") == Some(id.as_str());
+        let got = self.expect(|e| is_pong(e) || pred(e)).await?;
+        if is_pong(&got) {
+            Ok(())
+        } else {
+            bail!("unexpected {got}")
         }
     }
 

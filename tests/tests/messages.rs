@@ -21,7 +21,8 @@ fn with_id(mut e: Element, id: &str) -> Element {
 }
 
 fn body_is(e: &Element, body: &str) -> bool {
-    e.name() == "message" && e.get_child("body", ns::CLIENT).map(|b| b.text()).as_deref() == Some(body)
+    e.name() == "message"
+        && e.get_child("body", ns::CLIENT).map(|b| b.text()).as_deref() == Some(body)
 }
 
 fn is_error_with_id(e: &Element, name: &str, id: &str) -> bool {
@@ -29,7 +30,13 @@ fn is_error_with_id(e: &Element, name: &str, id: &str) -> bool {
 }
 
 /// Logs in with a presence of this priority; returns the client after its own presence came back.
-async fn online_with_priority(server: &TestServer, user: &str, pw: &str, res: &str, prio: i8) -> anyhow::Result<Client> {
+async fn online_with_priority(
+    server: &TestServer,
+    user: &str,
+    pw: &str,
+    res: &str,
+    prio: i8,
+) -> anyhow::Result<Client> {
     let mut c = server.login(user, pw, res).await?;
     c.roster_get().await?;
     let p = Element::new("presence", ns::CLIENT)
@@ -55,12 +62,16 @@ async fn message_to_full_jid_reaches_only_that_resource() -> anyhow::Result<()> 
     let mut phone = server.online("bob", "builder", "phone").await?;
     let mut desk = server.online("bob", "builder", "desk").await?;
     alice
-        .send(&message(Some("chat"), &format!("{}/phone", bare("bob")), "for the phone"))
+        .send(&message(
+            Some("chat"),
+            &format!("{}/phone", bare("bob")),
+            "for the phone",
+        ))
         .await?;
     let m = phone.expect_body("for the phone").await?;
     assert_eq!(m.attr("from"), Some(alice.jid.as_str()));
     assert_eq!(m.attr("to"), Some(phone.jid.as_str()));
-    desk.expect_none(|e| body_is(e, "for the phone")).await?;
+    expect_none(&mut desk, |e| body_is(e, "for the phone")).await?;
     Ok(())
 }
 
@@ -72,18 +83,22 @@ async fn message_to_bare_jid_reaches_highest_priority_resources() -> anyhow::Res
     let mut high1 = online_with_priority(&server, "bob", "builder", "high1", 5).await?;
     let mut high2 = online_with_priority(&server, "bob", "builder", "high2", 5).await?;
     let mut neg = online_with_priority(&server, "bob", "builder", "neg", -1).await?;
-    alice.send(&message(Some("chat"), &bare("bob"), "to bob")).await?;
+    alice
+        .send(&message(Some("chat"), &bare("bob"), "to bob"))
+        .await?;
     // §8.5.2.1.1: every resource with the top priority gets it (a tie delivers to all).
     high1.expect_body("to bob").await?;
     high2.expect_body("to bob").await?;
-    low.expect_none(|e| body_is(e, "to bob")).await?;
-    neg.expect_none(|e| body_is(e, "to bob")).await?;
+    expect_none(&mut low, |e| body_is(e, "to bob")).await?;
+    expect_none(&mut neg, |e| body_is(e, "to bob")).await?;
 
     // Normal messages follow the same rule.
-    alice.send(&message(None, &bare("bob"), "normal to bob")).await?;
+    alice
+        .send(&message(None, &bare("bob"), "normal to bob"))
+        .await?;
     high1.expect_body("normal to bob").await?;
     high2.expect_body("normal to bob").await?;
-    low.expect_none(|e| body_is(e, "normal to bob")).await?;
+    expect_none(&mut low, |e| body_is(e, "normal to bob")).await?;
     Ok(())
 }
 
@@ -93,12 +108,16 @@ async fn message_to_offline_full_jid_of_online_user_goes_to_bare() -> anyhow::Re
     let mut alice = server.online("alice", "wonderland", "laptop").await?;
     let mut bob = server.online("bob", "builder", "phone").await?;
     alice
-        .send(&message(Some("chat"), &format!("{}/gone", bare("bob")), "to a gone resource"))
+        .send(&message(
+            Some("chat"),
+            &format!("{}/gone", bare("bob")),
+            "to a gone resource",
+        ))
         .await?;
     // §8.5.3.2.1: treated as if addressed to the bare JID.
     let m = bob.expect_body("to a gone resource").await?;
     assert_eq!(m.attr("from"), Some(alice.jid.as_str()));
-    alice.expect_none(|e| e.attr("type") == Some("error")).await?;
+    expect_none(&mut alice, |e| e.attr("type") == Some("error")).await?;
     Ok(())
 }
 
@@ -108,7 +127,9 @@ async fn headline_goes_to_all_non_negative_resources_and_is_never_stored() -> an
     let mut alice = server.online("alice", "wonderland", "laptop").await?;
     let mut a = online_with_priority(&server, "bob", "builder", "a", 1).await?;
     let mut b = online_with_priority(&server, "bob", "builder", "b", 7).await?;
-    alice.send(&message(Some("headline"), &bare("bob"), "news")).await?;
+    alice
+        .send(&message(Some("headline"), &bare("bob"), "news"))
+        .await?;
     // §8.5.2.1.2 (headline): every available resource with non-negative priority.
     a.expect_body("news").await?;
     b.expect_body("news").await?;
@@ -117,21 +138,29 @@ async fn headline_goes_to_all_non_negative_resources_and_is_never_stored() -> an
 
     // No available resource: a headline is dropped silently, not stored.
     alice
-        .send(&with_id(message(Some("headline"), &bare("bob"), "old news"), "h1"))
+        .send(&with_id(
+            message(Some("headline"), &bare("bob"), "old news"),
+            "h1",
+        ))
         .await?;
-    alice.expect_none(|e| e.attr("id") == Some("h1")).await?;
+    expect_none(&mut alice, |e| e.attr("id") == Some("h1")).await?;
     let mut bob = server.online("bob", "builder", "later").await?;
-    bob.expect_none(|e| body_is(e, "old news")).await?;
-    assert!(server.storage().offline_messages(&bare("bob")).await?.is_empty());
+    expect_none(&mut bob, |e| body_is(e, "old news")).await?;
+    assert!(server
+        .storage()
+        .offline_messages(&bare("bob"))
+        .await?
+        .is_empty());
     Ok(())
 }
 
 #[tokio::test]
-async fn groupchat_to_a_user_is_an_error() -> anyhow::Result<()> {
+async fn groupchat_to_a_user_is_an_error_unless_to_a_connected_resource() -> anyhow::Result<()> {
     let server = two_users().await?;
     let mut alice = server.online("alice", "wonderland", "laptop").await?;
     let mut bob = server.online("bob", "builder", "phone").await?;
-    for (i, to) in [bare("bob"), format!("{}/phone", bare("bob")), format!("{}/nope", bare("bob"))]
+    // §8.5.2.1.1 (bare JID) and §8.5.3.2.1 (no such resource): service-unavailable.
+    for (i, to) in [bare("bob"), format!("{}/nope", bare("bob"))]
         .into_iter()
         .enumerate()
     {
@@ -139,7 +168,9 @@ async fn groupchat_to_a_user_is_an_error() -> anyhow::Result<()> {
         alice
             .send(&with_id(message(Some("groupchat"), &to, "room talk"), &id))
             .await?;
-        let err = alice.expect(|e| is_error_with_id(e, "message", &id)).await?;
+        let err = alice
+            .expect(|e| is_error_with_id(e, "message", &id))
+            .await?;
         assert_eq!(
             error_condition(&err).as_deref(),
             Some("service-unavailable"),
@@ -147,7 +178,18 @@ async fn groupchat_to_a_user_is_an_error() -> anyhow::Result<()> {
         );
         assert_eq!(err.attr("from"), Some(to.as_str()));
     }
-    bob.expect_none(|e| body_is(e, "room talk")).await?;
+    expect_none(&mut bob, |e| body_is(e, "room talk")).await?;
+    // §8.5.3.1: a full JID with a connected resource gets any type (this is how a
+    // room delivers to its occupants).
+    alice
+        .send(&with_id(
+            message(Some("groupchat"), &bob.jid.clone(), "to the occupant"),
+            "gc9",
+        ))
+        .await?;
+    let m = bob.expect_body("to the occupant").await?;
+    assert_eq!(m.attr("type"), Some("groupchat"));
+    expect_none(&mut alice, |e| e.attr("id") == Some("gc9")).await?;
     Ok(())
 }
 
@@ -177,9 +219,10 @@ async fn error_messages_are_delivered_but_never_answered() -> anyhow::Result<()>
     to_gone.set_attr("to", format!("{}/gone", bare("bob")));
     to_gone.set_attr("id", "e3");
     alice.send(&to_gone).await?;
-    alice
-        .expect_none(|e| matches!(e.attr("id"), Some("e2") | Some("e3")))
-        .await?;
+    expect_none(&mut alice, |e| {
+        matches!(e.attr("id"), Some("e2") | Some("e3"))
+    })
+    .await?;
     Ok(())
 }
 
@@ -192,8 +235,14 @@ async fn message_to_unknown_local_user_is_service_unavailable() -> anyhow::Resul
         alice
             .send(&with_id(message(Some(ty), &bare("nobody"), "anyone?"), &id))
             .await?;
-        let err = alice.expect(|e| is_error_with_id(e, "message", &id)).await?;
-        assert_eq!(error_condition(&err).as_deref(), Some("service-unavailable"), "{ty}: {err}");
+        let err = alice
+            .expect(|e| is_error_with_id(e, "message", &id))
+            .await?;
+        assert_eq!(
+            error_condition(&err).as_deref(),
+            Some("service-unavailable"),
+            "{ty}: {err}"
+        );
         assert_eq!(err.attr("from"), Some(bare("nobody").as_str()));
         assert_eq!(err.attr("to"), Some(alice.jid.as_str()));
     }
@@ -205,10 +254,19 @@ async fn message_to_remote_domain_is_remote_server_not_found() -> anyhow::Result
     let server = two_users().await?;
     let mut alice = server.online("alice", "wonderland", "laptop").await?;
     alice
-        .send(&with_id(message(Some("chat"), "someone@elsewhere.example", "hi"), "r1"))
+        .send(&with_id(
+            message(Some("chat"), "someone@elsewhere.example", "hi"),
+            "r1",
+        ))
         .await?;
-    let err = alice.expect(|e| is_error_with_id(e, "message", "r1")).await?;
-    assert_eq!(error_condition(&err).as_deref(), Some("remote-server-not-found"), "{err}");
+    let err = alice
+        .expect(|e| is_error_with_id(e, "message", "r1"))
+        .await?;
+    assert_eq!(
+        error_condition(&err).as_deref(),
+        Some("remote-server-not-found"),
+        "{err}"
+    );
     assert_eq!(err.attr("to"), Some(alice.jid.as_str()));
     Ok(())
 }
@@ -218,10 +276,19 @@ async fn message_to_server_domain_is_service_unavailable() -> anyhow::Result<()>
     let server = two_users().await?;
     let mut alice = server.online("alice", "wonderland", "laptop").await?;
     alice
-        .send(&with_id(message(Some("chat"), DOMAIN, "hello server"), "s1"))
+        .send(&with_id(
+            message(Some("chat"), DOMAIN, "hello server"),
+            "s1",
+        ))
         .await?;
-    let err = alice.expect(|e| is_error_with_id(e, "message", "s1")).await?;
-    assert_eq!(error_condition(&err).as_deref(), Some("service-unavailable"), "{err}");
+    let err = alice
+        .expect(|e| is_error_with_id(e, "message", "s1"))
+        .await?;
+    assert_eq!(
+        error_condition(&err).as_deref(),
+        Some("service-unavailable"),
+        "{err}"
+    );
     assert_eq!(err.attr("from"), Some(DOMAIN));
     Ok(())
 }
@@ -232,7 +299,9 @@ async fn from_is_stamped_with_the_senders_full_jid() -> anyhow::Result<()> {
     let mut alice = server.online("alice", "wonderland", "laptop").await?;
     let mut bob = server.online("bob", "builder", "phone").await?;
     // No from at all.
-    alice.send(&message(Some("chat"), &bare("bob"), "no from")).await?;
+    alice
+        .send(&message(Some("chat"), &bare("bob"), "no from"))
+        .await?;
     let m = bob.expect_body("no from").await?;
     assert_eq!(m.attr("from"), Some(alice.jid.as_str()));
     // A bare from (the sender's own) is replaced by the full JID.
@@ -250,9 +319,14 @@ async fn special_characters_and_unicode_round_trip() -> anyhow::Result<()> {
     let mut alice = server.online("alice", "wonderland", "laptop").await?;
     let mut bob = server.online("bob", "builder", "phone").await?;
     let body = "<b>&amp; \"quoted\" 'apos' & < > ]]> — żółć 日本語 🦀\u{1F600} \t tab";
-    alice.send(&message(Some("chat"), &bare("bob"), body)).await?;
+    alice
+        .send(&message(Some("chat"), &bare("bob"), body))
+        .await?;
     let m = bob.expect_body(body).await?;
-    assert_eq!(m.get_child("body", ns::CLIENT).map(|b| b.text()).as_deref(), Some(body));
+    assert_eq!(
+        m.get_child("body", ns::CLIENT).map(|b| b.text()).as_deref(),
+        Some(body)
+    );
     // The same text written by hand as escaped XML, with an attribute that needs escaping.
     alice
         .send_str(&format!(
@@ -277,7 +351,11 @@ async fn iq_to_unconnected_full_jid_is_service_unavailable() -> anyhow::Result<(
             .with_child(Element::new("query", ns::VERSION)))
         .await?;
     assert_eq!(reply.attr("type"), Some("error"));
-    assert_eq!(error_condition(&reply).as_deref(), Some("service-unavailable"), "{reply}");
+    assert_eq!(
+        error_condition(&reply).as_deref(),
+        Some("service-unavailable"),
+        "{reply}"
+    );
     // An account with no session at all.
     let reply = alice
         .iq(Element::new("iq", ns::CLIENT)
@@ -285,7 +363,11 @@ async fn iq_to_unconnected_full_jid_is_service_unavailable() -> anyhow::Result<(
             .with_attr("to", format!("{}/phone", bare("nobody")))
             .with_child(Element::new("ping", ns::PING)))
         .await?;
-    assert_eq!(error_condition(&reply).as_deref(), Some("service-unavailable"), "{reply}");
+    assert_eq!(
+        error_condition(&reply).as_deref(),
+        Some("service-unavailable"),
+        "{reply}"
+    );
     Ok(())
 }
 
@@ -300,7 +382,9 @@ async fn iq_between_two_clients_is_delivered_and_answered() -> anyhow::Result<()
         .with_attr("to", bob.jid.clone())
         .with_child(Element::new("query", ns::VERSION));
     alice.send(&req).await?;
-    let got = bob.expect(|e| e.name() == "iq" && e.attr("id") == Some("v1")).await?;
+    let got = bob
+        .expect(|e| e.name() == "iq" && e.attr("id") == Some("v1"))
+        .await?;
     assert_eq!(got.attr("from"), Some(alice.jid.as_str()));
     assert_eq!(got.attr("type"), Some("get"));
     assert!(got.has_child("query", ns::VERSION));
@@ -313,7 +397,9 @@ async fn iq_between_two_clients_is_delivered_and_answered() -> anyhow::Result<()
                 .with_child(Element::new("name", ns::VERSION).with_text("bobclient")),
         );
     bob.send(&answer).await?;
-    let res = alice.expect(|e| e.name() == "iq" && e.attr("id") == Some("v1")).await?;
+    let res = alice
+        .expect(|e| e.name() == "iq" && e.attr("id") == Some("v1"))
+        .await?;
     assert_eq!(res.attr("type"), Some("result"));
     assert_eq!(res.attr("from"), Some(bob.jid.as_str()));
     let name = res
@@ -321,5 +407,22 @@ async fn iq_between_two_clients_is_delivered_and_answered() -> anyhow::Result<()
         .and_then(|q| q.get_child("name", ns::VERSION))
         .map(|n| n.text());
     assert_eq!(name.as_deref(), Some("bobclient"));
+    Ok(())
+}
+
+/// Asserts that nothing matching `pred` arrives before the answer to a ping (the
+/// server handles one client's stanzas in order, so anything caused earlier is queued
+/// before that answer). Elements that do not match stay queued for later expectations.
+async fn expect_none(c: &mut Client, pred: impl Fn(&Element) -> bool) -> anyhow::Result<()> {
+    let id = c.new_id();
+    let ping = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "get")
+        .with_attr("id", id.clone())
+        .with_attr("to", DOMAIN)
+        .with_child(Element::new("ping", ns::PING));
+    c.send(&ping).await?;
+    let is_pong = |e: &Element| e.name() == "iq" && e.attr("id") == Some(id.as_str());
+    let got = c.expect(|e| is_pong(e) || pred(e)).await?;
+    anyhow::ensure!(is_pong(&got), "unexpected {got}");
     Ok(())
 }

@@ -417,7 +417,6 @@ async fn legacy_session_iq_returns_result() -> Result<()> {
 
 /// RFC 3921 §3 clients address the session request to the server's domain.
 #[tokio::test]
-#[ignore = "bug in server/src/modules/session.rs (not the stream code): an iq addressed to the domain reaches the handler without a session and is answered bad-request"]
 async fn legacy_session_iq_to_the_domain_returns_result() -> Result<()> {
     let server = start().await?;
     let mut c = server.login("alice", "wonderland", "old-client").await?;

@@ -30,12 +30,20 @@ fn worth_storing(m: &Element) -> bool {
 }
 
 /// Stores a message for an account with no available resource.
-pub async fn store(server: &Arc<Server>, owner: &str, mut message: Element) {
+pub async fn store(server: &Arc<Server>, owner: &str, message: Element) {
     if !worth_storing(&message) {
         return;
     }
     let domain = owner.rsplit('@').next().unwrap_or(owner).to_string();
-    message.append_child(
+    // The stamped copy is what is stored; an error reply quotes the message as sent,
+    // not our internal stamp.
+    let mut stamped = message.clone();
+    // A sender-supplied delay claiming to come from this domain would be
+    // indistinguishable from ours (XEP-0203 §3: `from` names the delaying entity).
+    stamped
+        .nodes_mut()
+        .retain(|n| !matches!(n, confab_protocol::Node::Element(e) if e.is("delay", ns::DELAY) && e.attr("from") == Some(domain.as_str())));
+    stamped.append_child(
         Element::new("delay", ns::DELAY)
             .with_attr("from", domain)
             .with_attr(
@@ -43,7 +51,7 @@ pub async fn store(server: &Arc<Server>, owner: &str, mut message: Element) {
                 crate::stanza::timestamp(std::time::SystemTime::now()),
             ),
     );
-    let bytes = message.to_xml("").into_bytes();
+    let bytes = stamped.to_xml("").into_bytes();
     let max = server.config.limits.max_offline_messages;
     match server.storage.push_offline(owner, bytes, max).await {
         Ok(_) => {}

@@ -74,16 +74,16 @@ fn parse_priority(p: &Element) -> i8 {
 async fn broadcast_available(server: &Arc<Server>, session: &SessionHandle, mut p: Element) {
     p.remove_attr("to");
     let priority = parse_priority(&p);
-    let was_available = server
+    let (was_available, old_priority) = server
         .router
         .update_presence(session, |s| {
-            let was = s.available;
+            let was = (s.available, s.priority);
             s.available = true;
             s.priority = priority;
             s.last = Some(p.clone());
             was
         })
-        .unwrap_or(true);
+        .unwrap_or((true, priority));
     let owner = &session.bare;
     let items = match server.storage.roster(owner).await {
         Ok((_, items)) => items,
@@ -98,7 +98,8 @@ async fn broadcast_available(server: &Arc<Server>, session: &SessionHandle, mut 
         copy.set_attr("to", item.jid.clone());
         server.route(copy).await;
     }
-    for r in server.router.resources(owner) {
+    let own = server.router.resources(owner);
+    for r in &own {
         if r.presence.available {
             let mut copy = p.clone();
             copy.set_attr("to", r.handle.full_jid());
@@ -106,6 +107,19 @@ async fn broadcast_available(server: &Arc<Server>, session: &SessionHandle, mut 
         }
     }
     if !was_available {
+        // §4.2.2: an entity is implicitly subscribed to its own presence, so a newly
+        // available resource learns the presence of the account's other resources.
+        for r in &own {
+            if let (true, false, Some(last)) = (
+                r.presence.available,
+                r.handle.id == session.id,
+                &r.presence.last,
+            ) {
+                let mut copy = last.clone();
+                copy.set_attr("to", session.full_jid());
+                session.send(copy);
+            }
+        }
         // §4.2.2: initial presence probes the contacts we are subscribed to.
         for item in items.iter().filter(|i| subscribed_to(i)) {
             server
@@ -127,7 +141,10 @@ async fn broadcast_available(server: &Arc<Server>, session: &SessionHandle, mut 
             Err(e) => tracing::error!(error = %e, "reading pending subscriptions failed"),
         }
     }
-    if priority >= 0 {
+    // §8.5.2.2.1 / XEP-0160: stored messages go to a resource once it becomes available
+    // with a non-negative priority, not again on every later presence update (a second
+    // read of the queue before the first delivery is deleted would duplicate them).
+    if priority >= 0 && (!was_available || old_priority < 0) {
         offline::deliver(server, session).await;
     }
 }
@@ -165,12 +182,20 @@ pub async fn broadcast_unavailable(
         server.route(copy).await;
     }
     if state.available {
+        // The session's own state was already taken (it is no longer available), so the
+        // loop never includes it; the sender gets its unavailable back explicitly
+        // (§4.5.2, like initial and subsequent presence in §4.2.2 / §4.4.2).
         for r in server.router.resources(owner) {
-            if r.presence.available && (to_self || r.handle.id != session.id) {
+            if r.presence.available && r.handle.id != session.id {
                 let mut copy = p.clone();
                 copy.set_attr("to", r.handle.full_jid());
                 r.handle.send(copy);
             }
+        }
+        if to_self {
+            let mut copy = p.clone();
+            copy.set_attr("to", session.full_jid());
+            session.send(copy);
         }
     }
 }
@@ -260,7 +285,7 @@ async fn send_current_presence(server: &Arc<Server>, owner: &str, contact: &str)
     }
 }
 
-async fn send_unavailable_from_all(server: &Arc<Server>, owner: &str, contact: &str) {
+pub(crate) async fn send_unavailable_from_all(server: &Arc<Server>, owner: &str, contact: &str) {
     for r in server.router.resources(owner) {
         if r.presence.available {
             server
@@ -403,6 +428,16 @@ pub async fn inbound(
     }
 }
 
+/// §3.1.6, §3.2.3, §3.3.3: subscription answers and cancellations go to the
+/// interested resources (those that requested the roster), available or not.
+fn deliver_to_interested(server: &Arc<Server>, owner: &str, stanza: &Element) {
+    for r in server.router.resources(owner) {
+        if r.presence.interested {
+            r.handle.send(stanza.clone());
+        }
+    }
+}
+
 fn deliver_to_available(server: &Arc<Server>, owner: &str, stanza: &Element) {
     for r in server.router.resources(owner) {
         if r.presence.available {
@@ -495,7 +530,7 @@ async fn inbound_subscription(
                     };
                     item.ask = false;
                     save(server, owner, item).await;
-                    deliver_to_available(server, owner, &stanza);
+                    deliver_to_interested(server, owner, &stanza);
                 }
             }
         }
@@ -516,7 +551,7 @@ async fn inbound_subscription(
                 }
             }
             if changed || pending {
-                deliver_to_available(server, owner, &stanza);
+                deliver_to_interested(server, owner, &stanza);
             }
             if changed {
                 send_unavailable_from_all(server, owner, contact).await;
@@ -532,7 +567,7 @@ async fn inbound_subscription(
                     };
                     item.ask = false;
                     save(server, owner, item).await;
-                    deliver_to_available(server, owner, &stanza);
+                    deliver_to_interested(server, owner, &stanza);
                 }
             }
         }

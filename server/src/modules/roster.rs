@@ -89,11 +89,11 @@ async fn set(server: &Arc<Server>, owner: &str, query: &Element) -> Result<(), S
         .roster_item(owner, &contact)
         .await
         .map_err(internal)?;
-    match item.attr("subscription") {
-        Some("remove") => return remove(server, owner, &contact, existing).await,
-        // §2.1.2.5: the client may not set the subscription state (other than remove).
-        None | Some("none") | Some("to") | Some("from") | Some("both") => {}
-        Some(_) => return Err(StanzaError::new(Cond::BadRequest)),
+    // §2.1.2.5: "in a roster set the server MUST ignore all values of the 'subscription'
+    // attribute other than 'remove'": the subscription state changes only through
+    // presence subscription stanzas (§3), never by a roster set.
+    if item.attr("subscription") == Some("remove") {
+        return remove(server, owner, &contact, existing).await;
     }
     let name = match item.attr("name") {
         Some(n) if n.chars().count() > MAX_NAME => {
@@ -152,6 +152,9 @@ async fn remove(
         server
             .route(stanza::presence(Some("unsubscribed"), owner, contact))
             .await;
+        // §3.2.2: cancelling the contact's subscription also ends the presence it
+        // received: unavailable from each of our available resources.
+        super::presence::send_unavailable_from_all(server, owner, contact).await;
     }
     super::presence::clear_pending_in(server, owner, contact).await;
     let version = server

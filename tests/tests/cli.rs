@@ -1,0 +1,343 @@
+//! The real `confab` binary: account management from the command line, `serve` with
+//! port 0 (bound ports read from its log), SIGTERM shutdown, config errors.
+//!
+//! `CARGO_BIN_EXE_confab` exists only for the binary's own package, so the binary is
+//! found next to this test executable (`target/<profile>/confab`, this file running
+//! from `target/<profile>/deps/`). `cargo test --workspace` builds it; so that
+//! `cargo test -p confab-tests` never runs a stale one, the test first asks the cargo
+//! that runs it (`$CARGO`) to build it, a no-op when it is up to date.
+
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use confab_protocol::sasl::ScramHash;
+use confab_tests::*;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+fn confab_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test executable in target/<profile>/deps");
+        let bin = dir.join(format!("confab{}", std::env::consts::EXE_SUFFIX));
+        if let Ok(cargo) = std::env::var("CARGO") {
+            let release = dir.file_name().is_some_and(|n| n == "release");
+            let mut cmd = std::process::Command::new(cargo);
+            cmd.args(["build", "--quiet", "-p", "confab", "--bin", "confab"]);
+            if release {
+                cmd.arg("--release");
+            }
+            let status = cmd.status().expect("running cargo build");
+            assert!(status.success(), "building the confab binary failed");
+        }
+        assert!(
+            bin.exists(),
+            "{} not found: build it with `cargo build -p confab` (cargo test --workspace does)",
+            bin.display()
+        );
+        bin
+    })
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    pki: TestPki,
+}
+
+fn setup(extra: &str) -> anyhow::Result<Setup> {
+    let dir = tempfile::tempdir()?;
+    let pki = TestPki::create(dir.path(), &[DOMAIN])?;
+    let p = dir.path();
+    let toml = format!(
+        r#"domains = ["{DOMAIN}"]
+data_dir = "{data}"
+log_level = "info"
+{extra}
+[c2s]
+listen = ["127.0.0.1:0"]
+tls_listen = []
+
+[auth]
+scram_iterations = 4096
+
+[tls."{DOMAIN}"]
+cert = "{cert}"
+key = "{key}"
+"#,
+        data = p.join("data").display(),
+        cert = p.join(format!("{DOMAIN}.pem")).display(),
+        key = p.join(format!("{DOMAIN}.key")).display(),
+    );
+    let config = p.join("confab.toml");
+    std::fs::write(&config, toml)?;
+    Ok(Setup { dir, config, pki })
+}
+
+/// Runs `confab --config F <args>` with `stdin` as its input; waits with a timeout.
+async fn run(s: &Setup, args: &[&str], stdin: &str) -> anyhow::Result<Output> {
+    let mut child = tokio::process::Command::new(confab_bin())
+        .arg("--config")
+        .arg(&s.config)
+        .args(args)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut input = child.stdin.take().expect("stdin");
+    input.write_all(stdin.as_bytes()).await?;
+    drop(input);
+    Ok(tokio::time::timeout(Duration::from_secs(30), child.wait_with_output()).await??)
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Asserts failure with a one-line reason on stderr that mentions `needle`.
+fn assert_refused(out: &Output, needle: &str) {
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {err}"
+    );
+    assert!(
+        err.to_lowercase().contains(&needle.to_lowercase()),
+        "stderr should mention {needle:?}: {err}"
+    );
+    assert_eq!(
+        err.trim().lines().count(),
+        1,
+        "one-line reason expected: {err}"
+    );
+}
+
+#[tokio::test]
+async fn user_add_list_passwd_del() -> anyhow::Result<()> {
+    let s = setup("")?;
+    let alice = format!("alice@{DOMAIN}");
+    let out = run(&s, &["user", "add", &alice], "secret one\n").await?;
+    assert!(
+        out.status.success(),
+        "user add failed: {}",
+        text(&out.stderr)
+    );
+    assert!(text(&out.stdout).contains(&alice), "{}", text(&out.stdout));
+
+    // Refusals: empty password, bad JID, other domain, duplicate.
+    let out = run(&s, &["user", "add", &format!("bob@{DOMAIN}")], "\n").await?;
+    assert_refused(&out, "empty");
+    let out = run(&s, &["user", "add", "not a jid@@"], "pw\n").await?;
+    assert!(!out.status.success(), "a bad JID was accepted");
+    assert_eq!(
+        text(&out.stderr).trim().lines().count(),
+        1,
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(&s, &["user", "add", "carol@elsewhere.example"], "pw\n").await?;
+    assert!(
+        !out.status.success(),
+        "a JID of a domain we do not serve was accepted"
+    );
+    let out = run(&s, &["user", "add", &alice], "other\n").await?;
+    assert!(!out.status.success(), "a duplicate account was accepted");
+    assert_eq!(
+        text(&out.stderr).trim().lines().count(),
+        1,
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(text(&out.stderr).contains("alice"), "{}", text(&out.stderr));
+
+    let out = run(&s, &["user", "add", &format!("Bob@{DOMAIN}")], "builder\n").await?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = run(&s, &["user", "list"], "").await?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Localparts are prepared (case-folded) before storing.
+    let listed: Vec<String> = text(&out.stdout).lines().map(str::to_string).collect();
+    assert_eq!(listed, [alice.clone(), format!("bob@{DOMAIN}")]);
+
+    let out = run(&s, &["user", "passwd", &alice], "secret two\n").await?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = run(&s, &["user", "passwd", &format!("nobody@{DOMAIN}")], "pw\n").await?;
+    assert!(
+        !out.status.success(),
+        "passwd of a missing account succeeded"
+    );
+
+    // The new password works against the real server, the old one does not.
+    let mut config = confab::Config::load(&s.config)?;
+    config.normalize()?;
+    let storage = std::sync::Arc::new(confab_storage::SledStorage::open(&config.store_dir())?);
+    let running = confab::RunningServer::start(config, storage).await?;
+    let addr = running.c2s_addrs[0];
+    let mut c = Client::connect(addr).await?;
+    c.starttls(&s.pki).await?;
+    assert!(c
+        .authenticate(ScramHash::Sha256, false, "alice", "secret one")
+        .await
+        .is_err());
+    let mut c = Client::connect(addr).await?;
+    c.starttls(&s.pki).await?;
+    c.authenticate(ScramHash::Sha256, false, "alice", "secret two")
+        .await?;
+    drop(c);
+    running.shutdown().await;
+
+    let out = run(&s, &["user", "del", &format!("bob@{DOMAIN}")], "").await?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = run(&s, &["user", "del", &format!("bob@{DOMAIN}")], "").await?;
+    assert!(
+        !out.status.success(),
+        "deleting a missing account succeeded"
+    );
+    let out = run(&s, &["user", "list"], "").await?;
+    assert_eq!(text(&out.stdout).trim(), alice);
+    drop(s.dir);
+    Ok(())
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn serve_logs_ports_accepts_logins_and_stops_on_sigterm() -> anyhow::Result<()> {
+    let s = setup("")?;
+    let alice = format!("alice@{DOMAIN}");
+    let out = run(&s, &["user", "add", &alice], "wonderland\n").await?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let mut child = tokio::process::Command::new(confab_bin())
+        .arg("--config")
+        .arg(&s.config)
+        .arg("serve")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let mut log = Vec::new();
+    let addr: std::net::SocketAddr = loop {
+        let line = tokio::time::timeout_at(deadline, lines.next_line())
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!("no 'listening for clients' line in time; log: {log:#?}")
+            })??
+            .ok_or_else(|| anyhow::anyhow!("confab exited before listening; log: {log:#?}"))?;
+        let line = strip_ansi(&line);
+        log.push(line.clone());
+        if line.contains("listening for clients") {
+            let addr = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("addr="))
+                .ok_or_else(|| anyhow::anyhow!("no addr= in {line}"))?;
+            break addr.parse()?;
+        }
+    };
+    // Keep draining the log so the server never blocks on a full pipe.
+    let drain = tokio::spawn(async move {
+        let mut rest = Vec::new();
+        while let Ok(Some(l)) = lines.next_line().await {
+            rest.push(strip_ansi(&l));
+        }
+        rest
+    });
+
+    let mut c = Client::connect(addr).await?;
+    c.starttls(&s.pki).await?;
+    c.authenticate(ScramHash::Sha256, false, "alice", "wonderland")
+        .await?;
+    let jid = c.bind(Some("cli")).await?;
+    assert_eq!(jid, format!("{alice}/cli"));
+    let reply = c
+        .iq(
+            confab_protocol::Element::new("iq", confab_protocol::ns::CLIENT)
+                .with_attr("type", "get")
+                .with_attr("to", DOMAIN)
+                .with_child(confab_protocol::Element::new(
+                    "ping",
+                    confab_protocol::ns::PING,
+                )),
+        )
+        .await?;
+    assert_eq!(reply.attr("type"), Some("result"), "{reply}");
+
+    // While serving, the store is held: the CLI says so instead of corrupting it.
+    let out = run(&s, &["user", "list"], "").await?;
+    assert!(
+        !out.status.success(),
+        "user list succeeded while the server holds the store"
+    );
+
+    let pid = child.id().expect("child pid").to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()?;
+    assert!(status.success(), "kill -TERM failed");
+    assert_eq!(
+        c.expect_closed().await?,
+        Closed::StreamError("system-shutdown".into())
+    );
+    let exit = tokio::time::timeout(Duration::from_secs(15), child.wait()).await??;
+    let rest = tokio::time::timeout(TIMEOUT, drain).await??;
+    assert!(
+        exit.success(),
+        "confab exited with {exit}; log: {log:#?} {rest:#?}"
+    );
+
+    // After a clean stop the CLI opens the store again.
+    let out = run(&s, &["user", "list"], "").await?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), alice);
+    Ok(())
+}
+
+#[tokio::test]
+async fn serve_refuses_an_unknown_config_key() -> anyhow::Result<()> {
+    let s = setup("listen_everywhere = true\n")?;
+    let out = run(&s, &["serve"], "").await?;
+    assert!(!out.status.success(), "started with an unknown key");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("listen_everywhere"),
+        "the key is not named: {err}"
+    );
+    // A typo in a section is named too.
+    let s = setup("")?;
+    let toml =
+        std::fs::read_to_string(&s.config)?.replace("[auth]", "[auth]\nscram_iteration = 5000");
+    std::fs::write(&s.config, toml)?;
+    let out = run(&s, &["serve"], "").await?;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("scram_iteration"),
+        "{}",
+        text(&out.stderr)
+    );
+    Ok(())
+}
