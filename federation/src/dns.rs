@@ -15,9 +15,9 @@ use hickory_resolver::TokioResolver;
 use rand::Rng;
 
 /// The SRV service of XEP-0368: TLS from the first byte.
-const DIRECT_TLS_SERVICE: &str = "_xmpps-server._tcp";
+pub const DIRECT_TLS_SERVICE: &str = "_xmpps-server._tcp";
 /// The SRV service of RFC 6120 §3.2.1: plain TCP then STARTTLS.
-const STARTTLS_SERVICE: &str = "_xmpp-server._tcp";
+pub const STARTTLS_SERVICE: &str = "_xmpp-server._tcp";
 
 /// How long one query to a configured name server may take, and how often it is retried
 /// (hickory's `attempts` counts retries: 1 means two tries in all, at most 4 s).
@@ -71,7 +71,7 @@ type SrvTarget = (u16, u16, Target);
 
 /// What one SRV query said, reduced to what the ordering needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
-enum SrvAnswer {
+pub enum SrvAnswer {
     /// (priority, weight, port, target without trailing dot; "" for the root ".")
     Records(Vec<(u16, u16, u16, String)>),
     /// NXDOMAIN, or the name exists without SRV records.
@@ -241,6 +241,15 @@ impl Resolver {
                 domain: domain.to_string(),
             },
         })
+    }
+
+    /// The SRV records of `service` (e.g. `_xmpp-server._tcp`) at `domain`, as they are
+    /// (for diagnostics; routing uses [`Resolver::resolve`]).
+    pub async fn srv_answer(&self, service: &str, domain: &str) -> SrvAnswer {
+        match check_domain(domain) {
+            Ok(d) => self.srv(&format!("{service}.{d}.")).await,
+            Err(e) => SrvAnswer::Failed(e.to_string()),
+        }
     }
 
     async fn srv(&self, name: &str) -> SrvAnswer {

@@ -10,6 +10,7 @@
 //! while they connect, incoming links on the s2s listeners. [`NoFederation`] refuses
 //! every remote domain.
 
+pub mod check;
 pub mod config;
 pub mod dialback;
 pub mod dns;

@@ -28,6 +28,25 @@ pub enum Command {
     /// Manage accounts (with the server stopped: the store is opened directly).
     #[command(subcommand)]
     User(UserCommand),
+    /// Check the configuration, DNS records and links to other servers; each finding is
+    /// one line, and the exit status is non-zero when there is a problem.
+    #[command(subcommand)]
+    Check(CheckCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CheckCommand {
+    /// The configuration file and the certificates it names.
+    Config,
+    /// The SRV and address records of a domain (default: every served domain).
+    Dns { domain: Option<String> },
+    /// Whether a link to a remote domain can be established, step by step.
+    Connectivity {
+        remote: String,
+        /// Our domain to connect as (default: the first served domain).
+        #[arg(long)]
+        from: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -85,6 +104,104 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve => serve(config).await,
         Command::User(cmd) => user(config, cmd).await,
+        Command::Check(cmd) => check(config, cmd).await,
+    }
+}
+
+async fn check(config: Config, cmd: CheckCommand) -> anyhow::Result<()> {
+    use confab_federation::check::{check_connectivity, check_dns, Finding};
+    let findings: Vec<Finding> = match cmd {
+        CheckCommand::Config => {
+            // Loading already validated every key and value.
+            let mut f = vec![Finding {
+                ok: true,
+                text: format!(
+                    "configuration is valid; domains: {}",
+                    config.domains.join(", ")
+                ),
+            }];
+            match crate::tls::CertStore::load(&config) {
+                Ok(_) => f.push(Finding {
+                    ok: true,
+                    text: "certificates and keys load for every domain".into(),
+                }),
+                Err(e) => f.push(Finding {
+                    ok: false,
+                    text: e.to_string(),
+                }),
+            }
+            f
+        }
+        CheckCommand::Dns { domain } => {
+            let fed = config.federation()?;
+            let resolver = if fed.nameservers.is_empty() {
+                confab_federation::dns::Resolver::system()?
+            } else {
+                confab_federation::dns::Resolver::with_nameservers(&fed.nameservers)?
+            };
+            let domains = domain
+                .map(|d| vec![d])
+                .unwrap_or_else(|| config.domains.clone());
+            let mut all = Vec::new();
+            for d in domains {
+                all.extend(check_dns(&resolver, &d).await);
+            }
+            all
+        }
+        CheckCommand::Connectivity { remote, from } => {
+            let local = from
+                .or_else(|| config.domains.first().cloned())
+                .unwrap_or_default();
+            if !config.is_local_domain(&local) {
+                bail!("{local} is not a domain this server serves");
+            }
+            let certs = Arc::new(crate::tls::CertStore::load(&config)?);
+            let host = Arc::new(CheckHost {
+                domains: config.domains.clone(),
+                certs: certs.clone(),
+            });
+            let service = confab_federation::FederationService::new(
+                config.federation()?,
+                host,
+                certs.resolver(),
+            )?;
+            check_connectivity(&service, &local, &remote).await
+        }
+    };
+    let problems = findings.iter().filter(|f| !f.ok).count();
+    for f in &findings {
+        println!("{f}");
+    }
+    if problems > 0 {
+        bail!("{problems} problem(s) found");
+    }
+    Ok(())
+}
+
+/// What `check connectivity` lends federation: our domains and certificates; it
+/// carries no stanzas.
+struct CheckHost {
+    domains: Vec<String>,
+    certs: Arc<crate::tls::CertStore>,
+}
+
+#[async_trait::async_trait]
+impl confab_federation::Host for CheckHost {
+    fn is_local_domain(&self, domain: &str) -> bool {
+        self.domains.iter().any(|d| d == domain)
+    }
+    fn default_domain(&self) -> Option<String> {
+        self.domains.first().cloned()
+    }
+    fn certificate(&self, domain: &str) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.certs.get(domain).map(|c| c.key.clone())
+    }
+    async fn deliver(&self, _stanza: confab_protocol::Element) {}
+    async fn bounce(
+        &self,
+        _stanza: confab_protocol::Element,
+        _error: confab_federation::FederationError,
+    ) {
     }
 }
 

@@ -8,7 +8,7 @@ pub mod dns;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -351,6 +351,41 @@ async fn start_running(config: &Config) -> Result<RunningServer> {
         }
     };
     Ok(RunningServer::start(config.clone(), Arc::new(storage)).await?)
+}
+
+/// The `confab` binary of this build.
+///
+/// `CARGO_BIN_EXE_confab` exists only for the binary's own package, so the binary is
+/// found next to the test executable (`target/<profile>/confab`, tests running from
+/// `target/<profile>/deps/`). `cargo test --workspace` builds it; so that
+/// `cargo test -p confab-tests` never runs a stale one, it first asks the cargo that
+/// runs the tests (`$CARGO`) to build it, a no-op when it is up to date.
+pub fn confab_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test executable in target/<profile>/deps");
+        let bin = dir.join(format!("confab{}", std::env::consts::EXE_SUFFIX));
+        if let Ok(cargo) = std::env::var("CARGO") {
+            let release = dir.file_name().is_some_and(|n| n == "release");
+            let mut cmd = std::process::Command::new(cargo);
+            cmd.args(["build", "--quiet", "-p", "confab", "--bin", "confab"]);
+            if release {
+                cmd.arg("--release");
+            }
+            let status = cmd.status().expect("running cargo build");
+            assert!(status.success(), "building the confab binary failed");
+        }
+        assert!(
+            bin.exists(),
+            "{} not found: build it with `cargo build -p confab` (cargo test --workspace does)",
+            bin.display()
+        );
+        bin
+    })
 }
 
 pub fn init_tracing() {

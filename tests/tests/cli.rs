@@ -1,48 +1,15 @@
 //! The real `confab` binary: account management from the command line, `serve` with
 //! port 0 (bound ports read from its log), SIGTERM shutdown, config errors.
 //!
-//! `CARGO_BIN_EXE_confab` exists only for the binary's own package, so the binary is
-//! found next to this test executable (`target/<profile>/confab`, this file running
-//! from `target/<profile>/deps/`). `cargo test --workspace` builds it; so that
-//! `cargo test -p confab-tests` never runs a stale one, the test first asks the cargo
-//! that runs it (`$CARGO`) to build it, a no-op when it is up to date.
+//! The binary is found by [`confab_tests::confab_bin`].
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Output, Stdio};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use confab_protocol::sasl::ScramHash;
 use confab_tests::*;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-
-fn confab_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().expect("test executable path");
-        let dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("test executable in target/<profile>/deps");
-        let bin = dir.join(format!("confab{}", std::env::consts::EXE_SUFFIX));
-        if let Ok(cargo) = std::env::var("CARGO") {
-            let release = dir.file_name().is_some_and(|n| n == "release");
-            let mut cmd = std::process::Command::new(cargo);
-            cmd.args(["build", "--quiet", "-p", "confab", "--bin", "confab"]);
-            if release {
-                cmd.arg("--release");
-            }
-            let status = cmd.status().expect("running cargo build");
-            assert!(status.success(), "building the confab binary failed");
-        }
-        assert!(
-            bin.exists(),
-            "{} not found: build it with `cargo build -p confab` (cargo test --workspace does)",
-            bin.display()
-        );
-        bin
-    })
-}
 
 struct Setup {
     dir: tempfile::TempDir,
@@ -60,6 +27,10 @@ data_dir = "{data}"
 log_level = "info"
 {extra}
 [c2s]
+listen = ["127.0.0.1:0"]
+tls_listen = []
+
+[s2s]
 listen = ["127.0.0.1:0"]
 tls_listen = []
 
