@@ -41,6 +41,9 @@ pub trait Host: Send + Sync + 'static {
     async fn deliver(&self, stanza: Element);
     /// A stanza accepted by [`Federation::send`] that could not be delivered.
     async fn bounce(&self, stanza: Element, error: FederationError);
+    /// The link from `domain` ended without a clean close (the peer crashed, restarted
+    /// or was cut off): what we knew of its users' presence is stale.
+    async fn remote_gone(&self, _domain: &str) {}
 }
 
 /// Why a link could not be established or ended.

@@ -28,6 +28,16 @@ pub struct Server {
     pub connections: Arc<Semaphore>,
     /// Server-to-server links; unset when federation is off.
     pub federation: std::sync::OnceLock<Arc<FederationService>>,
+    /// Remote resources that told local users they are available, by remote domain:
+    /// remote full JID → local bare JIDs. When a remote server goes away without
+    /// saying so, they are told it is unavailable (RFC 6121 §4.3, presence for
+    /// contacts whose server is gone).
+    pub remote_presence: std::sync::Mutex<
+        std::collections::HashMap<
+            String,
+            std::collections::HashMap<String, std::collections::HashSet<String>>,
+        >,
+    >,
     shutdown: watch::Sender<bool>,
 }
 
@@ -75,6 +85,7 @@ impl Server {
             modules: Modules::new(),
             started: Instant::now(),
             federation: std::sync::OnceLock::new(),
+            remote_presence: Default::default(),
             shutdown,
         }))
     }
@@ -152,6 +163,11 @@ impl Host for FederationHost {
     async fn bounce(&self, stanza: Element, error: confab_federation::FederationError) {
         if let Some(server) = self.0.upgrade() {
             server.bounce(&stanza, &error);
+        }
+    }
+    async fn remote_gone(&self, domain: &str) {
+        if let Some(server) = self.0.upgrade() {
+            crate::modules::presence::remote_gone(&server, domain).await;
         }
     }
 }

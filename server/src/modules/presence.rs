@@ -409,14 +409,19 @@ pub async fn inbound(
         return;
     };
     match ty.as_str() {
-        "available" | "unavailable" | "error" => match resource {
-            Some(res) => {
-                if let Some(r) = server.router.resource(owner, res) {
-                    r.handle.send(stanza);
-                }
+        "available" | "unavailable" | "error" => {
+            if !server.is_local_domain(&from.domain) {
+                track_remote(server, owner, &from, ty == "available");
             }
-            None => deliver_to_available(server, owner, &stanza),
-        },
+            match resource {
+                Some(res) => {
+                    if let Some(r) = server.router.resource(owner, res) {
+                        r.handle.send(stanza);
+                    }
+                }
+                None => deliver_to_available(server, owner, &stanza),
+            }
+        }
         "probe" => answer_probe(server, owner, &from).await,
         "subscribe" | "subscribed" | "unsubscribe" | "unsubscribed" => {
             let contact = from.bare();
@@ -572,5 +577,52 @@ async fn inbound_subscription(
             }
         }
         _ => {}
+    }
+}
+
+/// Remembers which local accounts saw a remote resource available (only full JIDs:
+/// a bare unavailable from a remote server covers all of its resources).
+fn track_remote(server: &Arc<Server>, owner: &str, from: &Addr, available: bool) {
+    let mut map = server
+        .remote_presence
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let domain = map.entry(from.domain.clone()).or_default();
+    let full = from.to_string();
+    if available {
+        domain.entry(full).or_default().insert(owner.to_string());
+    } else if from.resource.is_none() {
+        let bare = from.bare();
+        domain.retain(|jid, owners| {
+            if jid.split('/').next() == Some(bare.as_str()) {
+                owners.remove(owner);
+            }
+            !owners.is_empty()
+        });
+    } else if let Some(owners) = domain.get_mut(&full) {
+        owners.remove(owner);
+        if owners.is_empty() {
+            domain.remove(&full);
+        }
+    }
+    if domain.is_empty() {
+        map.remove(&from.domain);
+    }
+}
+
+/// A remote server went away without telling: its resources are unavailable to every
+/// local account that saw them available.
+pub async fn remote_gone(server: &Arc<Server>, domain: &str) {
+    let gone = server
+        .remote_presence
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(domain)
+        .unwrap_or_default();
+    for (remote, owners) in gone {
+        for owner in owners {
+            let p = stanza::presence(Some("unavailable"), &remote, &owner);
+            deliver_to_available(server, &owner, &p);
+        }
     }
 }
