@@ -45,7 +45,7 @@ async fn two_users_with(adjust: impl FnOnce(&mut confab::Config)) -> anyhow::Res
 /// Waits until `n` messages are in bob's offline store (the store is written
 /// asynchronously to the sender; the sender's ping round trip orders it).
 async fn stored_count(server: &TestServer, sender: &mut Client) -> anyhow::Result<usize> {
-    expect_none(sender, |_| false).await?;
+    sender.expect_none(|_| false).await?;
     Ok(server.storage().offline_count(&bare("bob")).await?)
 }
 
@@ -63,13 +63,15 @@ async fn messages_to_offline_user_are_stored_stamped_and_delivered_in_order_once
     alice
         .chat(&format!("{}/phone", bare("bob")), "third")
         .await?;
-    expect_none(&mut alice, |e| e.attr("type") == Some("error")).await?;
+    alice
+        .expect_none(|e| e.attr("type") == Some("error"))
+        .await?;
     assert_eq!(stored_count(&server, &mut alice).await?, 3);
 
     // Logged in and roster fetched, but no presence yet: nothing is delivered.
     let mut bob = server.login("bob", "builder", "phone").await?;
     bob.roster_get().await?;
-    expect_none(&mut bob, |e| e.name() == "message").await?;
+    bob.expect_none(|e| e.name() == "message").await?;
 
     bob.send(&presence(None, None)).await?;
     let mut got = Vec::new();
@@ -94,12 +96,12 @@ async fn messages_to_offline_user_are_stored_stamped_and_delivered_in_order_once
         "a normal message stays normal: {}",
         got[1]
     );
-    expect_none(&mut bob, |e| e.name() == "message").await?;
+    bob.expect_none(|e| e.name() == "message").await?;
     bob.close().await?;
 
     // Delivered once: the next login finds nothing.
     let mut bob = server.online("bob", "builder", "desk").await?;
-    expect_none(&mut bob, |e| e.name() == "message").await?;
+    bob.expect_none(|e| e.name() == "message").await?;
     assert_eq!(server.storage().offline_count(&bare("bob")).await?, 0);
     Ok(())
 }
@@ -121,11 +123,11 @@ async fn negative_priority_does_not_get_offline_messages() -> anyhow::Result<()>
     let full = bob.jid.clone();
     bob.expect(|e| e.name() == "presence" && e.attr("from") == Some(full.as_str()))
         .await?;
-    expect_none(&mut bob, |e| e.name() == "message").await?;
+    bob.expect_none(|e| e.name() == "message").await?;
     // A message sent now is not given to a negative-priority resource either: stored.
     alice.chat(&bare("bob"), "also kept").await?;
     assert_eq!(stored_count(&server, &mut alice).await?, 2);
-    expect_none(&mut bob, |e| e.name() == "message").await?;
+    bob.expect_none(|e| e.name() == "message").await?;
 
     // Raising the priority delivers both.
     bob.send(
@@ -162,7 +164,9 @@ async fn chat_state_only_messages_are_not_stored() -> anyhow::Result<()> {
             "http://jabber.org/protocol/chatstates",
         ));
     alice.send(&with_thread).await?;
-    expect_none(&mut alice, |e| e.attr("type") == Some("error")).await?;
+    alice
+        .expect_none(|e| e.attr("type") == Some("error"))
+        .await?;
     assert_eq!(stored_count(&server, &mut alice).await?, 0);
     // A chat state together with a body is stored.
     alice
@@ -175,7 +179,7 @@ async fn chat_state_only_messages_are_not_stored() -> anyhow::Result<()> {
     let mut bob = server.online("bob", "builder", "phone").await?;
     let m = bob.expect(|e| e.name() == "message").await?;
     assert_eq!(body_of(&m).as_deref(), Some("with body"));
-    expect_none(&mut bob, |e| e.name() == "message").await?;
+    bob.expect_none(|e| e.name() == "message").await?;
     Ok(())
 }
 
@@ -188,7 +192,9 @@ async fn offline_store_cap_answers_the_sender_with_an_error() -> anyhow::Result<
             .send(&chat(&bare("bob"), &format!("m{i}")).with_attr("id", format!("m{i}")))
             .await?;
     }
-    expect_none(&mut alice, |e| e.attr("type") == Some("error")).await?;
+    alice
+        .expect_none(|e| e.attr("type") == Some("error"))
+        .await?;
     alice
         .send(&chat(&bare("bob"), "m4").with_attr("id", "m4"))
         .await?;
@@ -212,7 +218,7 @@ async fn offline_store_cap_answers_the_sender_with_an_error() -> anyhow::Result<
         bodies.push(body_of(&bob.expect(|e| e.name() == "message").await?).unwrap_or_default());
     }
     assert_eq!(bodies, ["m1", "m2", "m3"]);
-    expect_none(&mut bob, |e| e.name() == "message").await?;
+    bob.expect_none(|e| e.name() == "message").await?;
     Ok(())
 }
 
@@ -225,22 +231,5 @@ async fn messages_to_an_online_user_are_not_stored() -> anyhow::Result<()> {
     let m = bob.expect_body("live").await?;
     assert!(!m.has_child("delay", ns::DELAY), "{m}");
     assert_eq!(stored_count(&server, &mut alice).await?, 0);
-    Ok(())
-}
-
-/// Asserts that nothing matching `pred` arrives before the answer to a ping (the
-/// server handles one client's stanzas in order, so anything caused earlier is queued
-/// before that answer). Elements that do not match stay queued for later expectations.
-async fn expect_none(c: &mut Client, pred: impl Fn(&Element) -> bool) -> anyhow::Result<()> {
-    let id = c.new_id();
-    let ping = Element::new("iq", ns::CLIENT)
-        .with_attr("type", "get")
-        .with_attr("id", id.clone())
-        .with_attr("to", DOMAIN)
-        .with_child(Element::new("ping", ns::PING));
-    c.send(&ping).await?;
-    let is_pong = |e: &Element| e.name() == "iq" && e.attr("id") == Some(id.as_str());
-    let got = c.expect(|e| is_pong(e) || pred(e)).await?;
-    anyhow::ensure!(is_pong(&got), "unexpected {got}");
     Ok(())
 }

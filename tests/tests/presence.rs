@@ -6,24 +6,6 @@ use confab_protocol::{ns, Element};
 use confab_storage::{RosterItem, Subscription};
 use confab_tests::*;
 
-/// Asserts that nothing matching `pred` arrives, by a ping round trip: the server handles
-/// our stanzas in order, so anything caused earlier arrives before the pong. (Unlike
-/// `Client::expect_none`, this also works with unmatched stanzas already set aside, see
-/// the report on tests/src/lib.rs.)
-async fn expect_none(c: &mut Client, pred: impl Fn(&Element) -> bool) -> anyhow::Result<()> {
-    let id = c.new_id();
-    let ping = Element::new("iq", ns::CLIENT)
-        .with_attr("type", "get")
-        .with_attr("id", id.clone())
-        .with_attr("to", DOMAIN)
-        .with_child(Element::new("ping", ns::PING));
-    c.send(&ping).await?;
-    let is_pong = |e: &Element| e.name() == "iq" && e.attr("id") == Some(id.as_str());
-    let got = c.expect(|e| is_pong(e) || pred(e)).await?;
-    anyhow::ensure!(is_pong(&got), "unexpected {got}");
-    Ok(())
-}
-
 fn bare(user: &str) -> String {
     format!("{user}@{DOMAIN}")
 }
@@ -223,7 +205,8 @@ async fn explicit_logout_broadcasts_unavailable() -> anyhow::Result<()> {
             "{p}"
         );
         // The stream close after unavailable does not send a second one.
-        expect_none(c, |e| is_presence(e, Some("unavailable"), &alice_jid)).await?;
+        c.expect_none(|e| is_presence(e, Some("unavailable"), &alice_jid))
+            .await?;
     }
     Ok(())
 }
@@ -275,10 +258,9 @@ async fn directed_presence_and_its_unavailable() -> anyhow::Result<()> {
         .await?;
     // Once told, not told again when the connection ends.
     alice.close().await?;
-    expect_none(&mut carol, |e| {
-        is_presence(e, Some("unavailable"), &alice_jid)
-    })
-    .await?;
+    carol
+        .expect_none(|e| is_presence(e, Some("unavailable"), &alice_jid))
+        .await?;
 
     // To the full JID, then the connection drops.
     let mut bob = server.online("bob", "builder", "phone").await?;
@@ -310,7 +292,9 @@ async fn directed_unavailable_forgets_the_target() -> anyhow::Result<()> {
         .expect(|e| is_presence(e, Some("unavailable"), &alice_jid))
         .await?;
     drop(alice);
-    expect_none(&mut carol, |e| is_presence_from_account(e, &bare("alice"))).await?;
+    carol
+        .expect_none(|e| is_presence_from_account(e, &bare("alice")))
+        .await?;
     Ok(())
 }
 
@@ -341,7 +325,9 @@ async fn no_presence_leaks_to_non_subscribers() -> anyhow::Result<()> {
         .await?;
     bob.expect(|e| is_presence(e, None, &alice_jid) && child_text(e, "status").is_some())
         .await?;
-    expect_none(&mut carol, |e| is_presence_from_account(e, &bare("alice"))).await?;
+    carol
+        .expect_none(|e| is_presence_from_account(e, &bare("alice")))
+        .await?;
     // Bob's presence does not reach Alice: she is not subscribed to him.
     let bob_jid = bob.jid.clone();
     bob.send(
@@ -350,11 +336,15 @@ async fn no_presence_leaks_to_non_subscribers() -> anyhow::Result<()> {
     .await?;
     bob.expect(|e| is_presence(e, None, &bob_jid) && child_text(e, "status").is_some())
         .await?;
-    expect_none(&mut alice, |e| is_presence_from_account(e, &bare("bob"))).await?;
+    alice
+        .expect_none(|e| is_presence_from_account(e, &bare("bob")))
+        .await?;
     alice.send(&presence(Some("unavailable"), None)).await?;
     bob.expect(|e| is_presence(e, Some("unavailable"), &alice_jid))
         .await?;
-    expect_none(&mut carol, |e| is_presence_from_account(e, &bare("alice"))).await?;
+    carol
+        .expect_none(|e| is_presence_from_account(e, &bare("alice")))
+        .await?;
     Ok(())
 }
 
@@ -367,11 +357,12 @@ async fn probe_from_non_subscriber_is_not_answered() -> anyhow::Result<()> {
     carol
         .send(&presence(Some("probe"), Some(&bare("alice"))))
         .await?;
-    expect_none(&mut carol, |e| {
-        is_presence_from_account(e, &bare("alice"))
-            && matches!(e.attr("type"), None | Some("unavailable"))
-    })
-    .await?;
+    carol
+        .expect_none(|e| {
+            is_presence_from_account(e, &bare("alice"))
+                && matches!(e.attr("type"), None | Some("unavailable"))
+        })
+        .await?;
     // A subscriber's probe is answered (the control case).
     one_way(&server, "bob", "alice", Subscription::To).await?;
     // (The answer goes to the prober's bare JID, i.e. its available resources.)
@@ -393,7 +384,7 @@ async fn negative_priority_gets_no_bare_jid_messages() -> anyhow::Result<()> {
     let mut bob = server.online("bob", "builder", "phone").await?;
     bob.chat(&bare("alice"), "to the best one").await?;
     pos.expect_body("to the best one").await?;
-    expect_none(&mut neg, |e| e.name() == "message").await?;
+    neg.expect_none(|e| e.name() == "message").await?;
     // Addressed to its full JID, the negative-priority resource gets it.
     bob.chat(&neg.jid.clone(), "direct").await?;
     neg.expect_body("direct").await?;
@@ -401,7 +392,7 @@ async fn negative_priority_gets_no_bare_jid_messages() -> anyhow::Result<()> {
     // are stored offline instead (§8.5.2.2).
     pos.close().await?;
     bob.chat(&bare("alice"), "kept for later").await?;
-    expect_none(&mut neg, |e| e.name() == "message").await?;
+    neg.expect_none(|e| e.name() == "message").await?;
     let mut later = online_with_priority(&server, "alice", "wonderland", "tablet", 0).await?;
     later.expect_body("kept for later").await?;
     Ok(())
@@ -418,7 +409,7 @@ async fn priority_tie_delivers_to_all_top_resources() -> anyhow::Result<()> {
     bob.chat(&bare("alice"), "tie").await?;
     a.expect_body("tie").await?;
     b.expect_body("tie").await?;
-    expect_none(&mut low, |e| e.name() == "message").await?;
+    low.expect_none(|e| e.name() == "message").await?;
     // A priority change moves the delivery.
     low.send(&presence(None, None).with_child(Element::new("priority", ns::CLIENT).with_text("9")))
         .await?;
@@ -429,7 +420,7 @@ async fn priority_tie_delivers_to_all_top_resources() -> anyhow::Result<()> {
     .await?;
     bob.chat(&bare("alice"), "now low").await?;
     low.expect_body("now low").await?;
-    expect_none(&mut a, |e| e.name() == "message").await?;
-    expect_none(&mut b, |e| e.name() == "message").await?;
+    a.expect_none(|e| e.name() == "message").await?;
+    b.expect_none(|e| e.name() == "message").await?;
     Ok(())
 }

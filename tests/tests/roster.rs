@@ -4,24 +4,6 @@
 use confab_protocol::{ns, Element};
 use confab_tests::*;
 
-/// Asserts that nothing matching `pred` arrives, by a ping round trip: the server handles
-/// our stanzas in order, so anything caused earlier arrives before the pong. (Unlike
-/// `Client::expect_none`, this also works with unmatched stanzas already set aside, see
-/// the report on tests/src/lib.rs.)
-async fn expect_none(c: &mut Client, pred: impl Fn(&Element) -> bool) -> anyhow::Result<()> {
-    let id = c.new_id();
-    let ping = Element::new("iq", ns::CLIENT)
-        .with_attr("type", "get")
-        .with_attr("id", id.clone())
-        .with_attr("to", DOMAIN)
-        .with_child(Element::new("ping", ns::PING));
-    c.send(&ping).await?;
-    let is_pong = |e: &Element| e.name() == "iq" && e.attr("id") == Some(id.as_str());
-    let got = c.expect(|e| is_pong(e) || pred(e)).await?;
-    anyhow::ensure!(is_pong(&got), "unexpected {got}");
-    Ok(())
-}
-
 fn bare(user: &str) -> String {
     format!("{user}@{DOMAIN}")
 }
@@ -184,7 +166,7 @@ async fn set_adds_item_and_pushes_to_every_interested_resource() -> anyhow::Resu
         assert_eq!(i.attr("ask"), None);
         assert_eq!(groups(i), vec!["Friends", "Work"]);
     }
-    expect_none(&mut quiet, |e| is_push(e, &bob)).await?;
+    quiet.expect_none(|e| is_push(e, &bob)).await?;
     let q = laptop.roster_get().await?;
     let i = find(&q, &bob).expect("item in roster");
     assert_eq!(i.attr("name"), Some("Bob the Builder"));
@@ -281,7 +263,7 @@ async fn removing_unknown_item_is_item_not_found() -> anyhow::Result<()> {
     .await?;
     assert_eq!(reply.attr("type"), Some("error"), "{reply}");
     assert_eq!(error_condition(&reply).as_deref(), Some("item-not-found"));
-    expect_none(&mut alice, |e| is_push(e, &bare("nobody"))).await?;
+    alice.expect_none(|e| is_push(e, &bare("nobody"))).await?;
     Ok(())
 }
 
@@ -385,10 +367,9 @@ async fn roster_set_validation_errors() -> anyhow::Result<()> {
             "{what}: {reply}"
         );
     }
-    expect_none(&mut alice, |e| {
-        e.name() == "iq" && e.attr("type") == Some("set")
-    })
-    .await?;
+    alice
+        .expect_none(|e| e.name() == "iq" && e.attr("type") == Some("set"))
+        .await?;
     let q = alice.roster_get().await?;
     assert!(items(&q).is_empty(), "{q}");
     assert_eq!(ver_of(&q), v0, "a refused set must not change the version");
@@ -427,15 +408,14 @@ async fn client_cannot_set_subscription_state() -> anyhow::Result<()> {
     alice
         .expect(|e| e.name() == "presence" && e.attr("from") == Some(alice_jid.as_str()))
         .await?;
-    expect_none(&mut bob, |e| {
+    bob.expect_none(|e| {
         e.name() == "presence" && e.attr("from").is_some_and(|f| f.starts_with(a.as_str()))
     })
     .await?;
     let bob_jid = bob.jid.clone();
-    expect_none(&mut alice, |e| {
-        e.name() == "presence" && e.attr("from") == Some(bob_jid.as_str())
-    })
-    .await?;
+    alice
+        .expect_none(|e| e.name() == "presence" && e.attr("from") == Some(bob_jid.as_str()))
+        .await?;
     let q = bob.roster_get().await?;
     assert!(find(&q, &a).is_none(), "{q}");
     Ok(())
@@ -465,7 +445,7 @@ async fn roster_of_another_account_is_forbidden() -> anyhow::Result<()> {
         Some("forbidden"),
         "{reply}"
     );
-    expect_none(&mut bob, |e| is_push(e, &bare("alice"))).await?;
+    bob.expect_none(|e| is_push(e, &bare("alice"))).await?;
     // Addressing one's own bare JID explicitly is the same as no 'to'.
     let own = roster_iq("get", Element::new("query", ns::ROSTER)).with_attr("to", bare("bob"));
     let reply = bob.iq(own).await?;

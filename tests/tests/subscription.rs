@@ -5,24 +5,6 @@ use confab_protocol::{ns, Element};
 use confab_storage::{RosterItem, Subscription};
 use confab_tests::*;
 
-/// Asserts that nothing matching `pred` arrives, by a ping round trip: the server handles
-/// our stanzas in order, so anything caused earlier arrives before the pong. (Unlike
-/// `Client::expect_none`, this also works with unmatched stanzas already set aside, see
-/// the report on tests/src/lib.rs.)
-async fn expect_none(c: &mut Client, pred: impl Fn(&Element) -> bool) -> anyhow::Result<()> {
-    let id = c.new_id();
-    let ping = Element::new("iq", ns::CLIENT)
-        .with_attr("type", "get")
-        .with_attr("id", id.clone())
-        .with_attr("to", DOMAIN)
-        .with_child(Element::new("ping", ns::PING));
-    c.send(&ping).await?;
-    let is_pong = |e: &Element| e.name() == "iq" && e.attr("id") == Some(id.as_str());
-    let got = c.expect(|e| is_pong(e) || pred(e)).await?;
-    anyhow::ensure!(is_pong(&got), "unexpected {got}");
-    Ok(())
-}
-
 fn bare(user: &str) -> String {
     format!("{user}@{DOMAIN}")
 }
@@ -119,7 +101,8 @@ async fn subscribe_approve_then_mutual_gives_both() -> anyhow::Result<()> {
     alice_subscribes_and_bob_approves(&mut alice, &mut bob).await?;
     // Only one direction so far: Bob does not see Alice's presence.
     let alice_jid = alice.jid.clone();
-    expect_none(&mut bob, |e| is_presence(e, None, &alice_jid)).await?;
+    bob.expect_none(|e| is_presence(e, None, &alice_jid))
+        .await?;
 
     bob.send(&presence(Some("subscribe"), Some(&a))).await?;
     expect_state(&mut bob, &a, "from", true).await?;
@@ -177,7 +160,9 @@ async fn unsubscribe_by_subscriber() -> anyhow::Result<()> {
     bob.send(&presence(None, None).with_child(Element::new("status", ns::CLIENT).with_text("x")))
         .await?;
     expect_presence(&mut bob, None, &bob_jid).await?;
-    expect_none(&mut alice, |e| is_presence(e, None, &bob_jid)).await?;
+    alice
+        .expect_none(|e| is_presence(e, None, &bob_jid))
+        .await?;
     Ok(())
 }
 
@@ -199,7 +184,9 @@ async fn contact_cancels_with_unsubscribed() -> anyhow::Result<()> {
     bob.send(&presence(None, None).with_child(Element::new("status", ns::CLIENT).with_text("x")))
         .await?;
     expect_presence(&mut bob, None, &bob_jid).await?;
-    expect_none(&mut alice, |e| is_presence(e, None, &bob_jid)).await?;
+    alice
+        .expect_none(|e| is_presence(e, None, &bob_jid))
+        .await?;
     Ok(())
 }
 
@@ -217,14 +204,17 @@ async fn denied_request() -> anyhow::Result<()> {
     bob.send(&presence(Some("unsubscribed"), Some(&a))).await?;
     expect_presence(&mut alice, Some("unsubscribed"), &b).await?;
     expect_state(&mut alice, &b, "none", false).await?;
-    expect_none(&mut alice, |e| is_presence_from_account(e, None, &b)).await?;
+    alice
+        .expect_none(|e| is_presence_from_account(e, None, &b))
+        .await?;
     // Bob never had Alice in his roster; denying does not add her.
-    expect_none(&mut bob, is_push).await?;
+    bob.expect_none(is_push).await?;
     assert!(roster_item(&mut bob, &a).await?.is_none());
     // The denied request is not offered again at Bob's next login.
     bob.close().await?;
     let mut bob = server.online("bob", "builder", "tablet").await?;
-    expect_none(&mut bob, |e| is_presence(e, Some("subscribe"), &a)).await?;
+    bob.expect_none(|e| is_presence(e, Some("subscribe"), &a))
+        .await?;
     Ok(())
 }
 
@@ -240,7 +230,9 @@ async fn pre_approval_auto_approves() -> anyhow::Result<()> {
     let i = expect_state(&mut bob, &a, "none", false).await?;
     assert_eq!(i.attr("approved"), Some("true"), "{i}");
     // A pre-approval is not sent to the contact.
-    expect_none(&mut alice, |e| is_presence(e, Some("subscribed"), &b)).await?;
+    alice
+        .expect_none(|e| is_presence(e, Some("subscribed"), &b))
+        .await?;
 
     alice.send(&presence(Some("subscribe"), Some(&b))).await?;
     expect_state(&mut alice, &b, "to", false).await?;
@@ -249,7 +241,8 @@ async fn pre_approval_auto_approves() -> anyhow::Result<()> {
     expect_presence(&mut alice, None, &bob_jid).await?;
     let i = expect_state(&mut bob, &a, "from", false).await?;
     assert_eq!(i.attr("approved"), None, "approval is used up: {i}");
-    expect_none(&mut bob, |e| is_presence(e, Some("subscribe"), &a)).await?;
+    bob.expect_none(|e| is_presence(e, Some("subscribe"), &a))
+        .await?;
     Ok(())
 }
 
@@ -266,7 +259,8 @@ async fn request_to_offline_contact_is_kept_until_answered() -> anyhow::Result<(
     // A session that has not sent initial presence does not get it yet.
     let mut bob = server.login("bob", "builder", "phone").await?;
     bob.roster_get().await?;
-    expect_none(&mut bob, |e| is_presence(e, Some("subscribe"), &a)).await?;
+    bob.expect_none(|e| is_presence(e, Some("subscribe"), &a))
+        .await?;
     bob.send(&presence(None, None)).await?;
     expect_presence(&mut bob, Some("subscribe"), &a).await?;
     bob.close().await?;
@@ -282,7 +276,8 @@ async fn request_to_offline_contact_is_kept_until_answered() -> anyhow::Result<(
 
     // Answered: gone; and Alice, offline meanwhile, has her subscription.
     let mut bob = server.online("bob", "builder", "tablet").await?;
-    expect_none(&mut bob, |e| is_presence(e, Some("subscribe"), &a)).await?;
+    bob.expect_none(|e| is_presence(e, Some("subscribe"), &a))
+        .await?;
     let mut alice = server.online("alice", "wonderland", "laptop").await?;
     let i = roster_item(&mut alice, &b).await?.expect("item");
     assert_eq!(i.attr("subscription"), Some("to"), "{i}");
@@ -321,8 +316,9 @@ async fn duplicate_subscribe_is_auto_approved() -> anyhow::Result<()> {
 
     // In sync: nothing reaches Bob, nothing changes.
     alice.send(&presence(Some("subscribe"), Some(&b))).await?;
-    expect_none(&mut bob, |e| is_presence(e, Some("subscribe"), &a)).await?;
-    expect_none(&mut bob, is_push).await?;
+    bob.expect_none(|e| is_presence(e, Some("subscribe"), &a))
+        .await?;
+    bob.expect_none(is_push).await?;
     let i = roster_item(&mut alice, &b).await?.expect("item");
     assert_eq!(i.attr("subscription"), Some("to"));
     assert_eq!(i.attr("ask"), None);
@@ -335,7 +331,8 @@ async fn duplicate_subscribe_is_auto_approved() -> anyhow::Result<()> {
     expect_state(&mut alice, &b, "none", true).await?;
     expect_presence(&mut alice, Some("subscribed"), &b).await?;
     expect_state(&mut alice, &b, "to", false).await?;
-    expect_none(&mut bob, |e| is_presence(e, Some("subscribe"), &a)).await?;
+    bob.expect_none(|e| is_presence(e, Some("subscribe"), &a))
+        .await?;
     Ok(())
 }
 
@@ -392,6 +389,7 @@ async fn roster_remove_cancels_both_ways() -> anyhow::Result<()> {
         )
         .await?;
     expect_presence(&mut alice, None, &alice_jid).await?;
-    expect_none(&mut bob, |e| is_presence(e, None, &alice_jid)).await?;
+    bob.expect_none(|e| is_presence(e, None, &alice_jid))
+        .await?;
     Ok(())
 }
