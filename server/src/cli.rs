@@ -8,6 +8,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use confab_storage::{SledStorage, Storage};
 
+use crate::admin::Request;
 use crate::config::Config;
 use crate::server::RunningServer;
 
@@ -32,6 +33,16 @@ pub enum Command {
     /// one line, and the exit status is non-zero when there is a problem.
     #[command(subcommand)]
     Check(CheckCommand),
+    /// Whether the server runs: version, uptime, domains, sessions, links.
+    Status,
+    /// The connected sessions (JID, address, TLS, since), optionally of one domain.
+    Sessions { domain: Option<String> },
+    /// Disconnect a session (full JID) or all sessions of an account (bare JID).
+    Kick { jid: String },
+    /// Server-to-server links (direction, remote domain, authentication, since).
+    S2s,
+    /// Stop the running server (as SIGTERM does).
+    Stop,
 }
 
 #[derive(Subcommand, Debug)]
@@ -105,6 +116,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve => serve(config).await,
         Command::User(cmd) => user(config, cmd).await,
         Command::Check(cmd) => check(config, cmd).await,
+        Command::Status => live(config, Request::Status).await,
+        Command::Sessions { domain } => live(config, Request::Sessions { domain }).await,
+        Command::Kick { jid } => live(config, Request::Kick { jid }).await,
+        Command::S2s => live(config, Request::S2s).await,
+        Command::Stop => live(config, Request::Stop).await,
     }
 }
 
@@ -205,6 +221,20 @@ impl confab_federation::Host for CheckHost {
     }
 }
 
+/// Sends `req` to a running server; `Ok(false)` when none is running.
+async fn via_server(config: &Config, req: &Request) -> anyhow::Result<bool> {
+    match crate::admin::request(&config.data_dir, req).await? {
+        None => Ok(false),
+        Some(resp) if resp.ok => {
+            for line in resp.lines {
+                println!("{line}");
+            }
+            Ok(true)
+        }
+        Some(resp) => bail!(resp.error.unwrap_or_else(|| "the server refused".into())),
+    }
+}
+
 async fn user(config: Config, cmd: UserCommand) -> anyhow::Result<()> {
     let domains = config.domains.clone();
     let iterations = config.auth.scram_iterations;
@@ -212,6 +242,13 @@ async fn user(config: Config, cmd: UserCommand) -> anyhow::Result<()> {
         UserCommand::Add { jid } => {
             crate::accounts::account_jid(&jid, &domains)?;
             let password = read_password()?;
+            let req = Request::UserAdd {
+                jid: jid.clone(),
+                password: password.clone(),
+            };
+            if via_server(&config, &req).await? {
+                return Ok(());
+            }
             let store = open_store(&config)?;
             let bare =
                 crate::accounts::add_user(store.as_ref(), &domains, &jid, &password, iterations)
@@ -221,6 +258,13 @@ async fn user(config: Config, cmd: UserCommand) -> anyhow::Result<()> {
         UserCommand::Passwd { jid } => {
             crate::accounts::account_jid(&jid, &domains)?;
             let password = read_password()?;
+            let req = Request::UserPasswd {
+                jid: jid.clone(),
+                password: password.clone(),
+            };
+            if via_server(&config, &req).await? {
+                return Ok(());
+            }
             let store = open_store(&config)?;
             let bare = crate::accounts::set_password(
                 store.as_ref(),
@@ -233,11 +277,20 @@ async fn user(config: Config, cmd: UserCommand) -> anyhow::Result<()> {
             println!("changed the password of {bare}");
         }
         UserCommand::Del { jid } => {
+            if via_server(&config, &Request::UserDel { jid: jid.clone() }).await? {
+                return Ok(());
+            }
             let store = open_store(&config)?;
             let bare = crate::accounts::delete_user(store.as_ref(), &domains, &jid).await?;
             println!("deleted {bare}");
         }
         UserCommand::List { domain } => {
+            let req = Request::UserList {
+                domain: domain.clone(),
+            };
+            if via_server(&config, &req).await? {
+                return Ok(());
+            }
             let store = open_store(&config)?;
             for jid in store.list_accounts(domain.as_deref()).await? {
                 println!("{jid}");
@@ -245,6 +298,17 @@ async fn user(config: Config, cmd: UserCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Commands that only make sense with a running server.
+async fn live(config: Config, req: Request) -> anyhow::Result<()> {
+    if via_server(&config, &req).await? {
+        return Ok(());
+    }
+    bail!(
+        "the server is not running (nothing answers on {})",
+        crate::admin::socket_path(&config.data_dir).display()
+    )
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
@@ -256,8 +320,25 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     })?;
     let store = open_store(&config)?;
     let running = RunningServer::start(config.clone(), store).await?;
+    let admin = crate::admin::bind(&config.data_dir).with_context(|| {
+        format!(
+            "cannot create the admin socket {}",
+            crate::admin::socket_path(&config.data_dir).display()
+        )
+    })?;
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let admin_task = tokio::spawn(crate::admin::serve(
+        running.server.clone(),
+        admin,
+        stop.clone(),
+    ));
     tracing::info!(domains = ?config.domains, "confab {} is running", env!("CARGO_PKG_VERSION"));
-    wait_for_stop().await;
+    tokio::select! {
+        _ = wait_for_stop() => {}
+        _ = stop.notified() => {}
+    }
+    admin_task.abort();
+    let _ = std::fs::remove_file(crate::admin::socket_path(&config.data_dir));
     tracing::info!("shutting down");
     running.shutdown().await;
     Ok(())

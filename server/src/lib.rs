@@ -1,6 +1,7 @@
 //! confab, a federated XMPP server: the library behind the `confab` binary.
 
 pub mod accounts;
+pub mod admin;
 pub mod c2s;
 pub mod cli;
 pub mod config;

@@ -25,10 +25,20 @@ pub enum ToSession {
     },
 }
 
+/// Facts about a session's connection, for administration.
+#[derive(Clone, Debug)]
+pub struct SessionInfo {
+    pub peer: std::net::SocketAddr,
+    /// The TLS version, if the connection is encrypted.
+    pub tls: Option<String>,
+    pub since: std::time::SystemTime,
+}
+
 /// A handle to one bound resource.
 #[derive(Clone, Debug)]
 pub struct SessionHandle {
     pub id: u64,
+    pub info: Arc<SessionInfo>,
     /// The bare JID `user@domain`.
     pub bare: String,
     pub resource: String,
@@ -119,6 +129,7 @@ impl Router {
         bare: String,
         resource: String,
         queue: usize,
+        info: SessionInfo,
     ) -> (SessionHandle, SessionReceiver) {
         let (tx, rx) = mpsc::channel(queue.max(1));
         let (kill, kill_rx) = watch::channel(None);
@@ -126,6 +137,7 @@ impl Router {
         (
             SessionHandle {
                 id,
+                info: Arc::new(info),
                 bare,
                 resource,
                 tx,

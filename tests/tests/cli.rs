@@ -200,44 +200,7 @@ async fn serve_logs_ports_accepts_logins_and_stops_on_sigterm() -> anyhow::Resul
     let out = run(&s, &["user", "add", &alice], "wonderland\n").await?;
     assert!(out.status.success(), "{}", text(&out.stderr));
 
-    let mut child = tokio::process::Command::new(confab_bin())
-        .arg("--config")
-        .arg(&s.config)
-        .arg("serve")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    let mut log = Vec::new();
-    let addr: std::net::SocketAddr = loop {
-        let line = tokio::time::timeout_at(deadline, lines.next_line())
-            .await
-            .map_err(|_| {
-                anyhow::anyhow!("no 'listening for clients' line in time; log: {log:#?}")
-            })??
-            .ok_or_else(|| anyhow::anyhow!("confab exited before listening; log: {log:#?}"))?;
-        let line = strip_ansi(&line);
-        log.push(line.clone());
-        if line.contains("listening for clients") {
-            let addr = line
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("addr="))
-                .ok_or_else(|| anyhow::anyhow!("no addr= in {line}"))?;
-            break addr.parse()?;
-        }
-    };
-    // Keep draining the log so the server never blocks on a full pipe.
-    let drain = tokio::spawn(async move {
-        let mut rest = Vec::new();
-        while let Ok(Some(l)) = lines.next_line().await {
-            rest.push(strip_ansi(&l));
-        }
-        rest
-    });
+    let (mut child, addr, drain, log) = spawn_serve(&s).await?;
 
     let mut c = Client::connect(addr).await?;
     c.starttls(&s.pki).await?;
@@ -258,12 +221,10 @@ async fn serve_logs_ports_accepts_logins_and_stops_on_sigterm() -> anyhow::Resul
         .await?;
     assert_eq!(reply.attr("type"), Some("result"), "{reply}");
 
-    // While serving, the store is held: the CLI says so instead of corrupting it.
+    // While serving, the store is held by the server: the CLI asks the server.
     let out = run(&s, &["user", "list"], "").await?;
-    assert!(
-        !out.status.success(),
-        "user list succeeded while the server holds the store"
-    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), alice);
 
     let pid = child.id().expect("child pid").to_string();
     let status = std::process::Command::new("kill")
@@ -285,6 +246,148 @@ async fn serve_logs_ports_accepts_logins_and_stops_on_sigterm() -> anyhow::Resul
     let out = run(&s, &["user", "list"], "").await?;
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim(), alice);
+    Ok(())
+}
+
+/// Starts `confab serve` and reads its client port from the log.
+async fn spawn_serve(
+    s: &Setup,
+) -> anyhow::Result<(
+    tokio::process::Child,
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<Vec<String>>,
+    Vec<String>,
+)> {
+    let mut child = tokio::process::Command::new(confab_bin())
+        .arg("--config")
+        .arg(&s.config)
+        .arg("serve")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let mut log = Vec::new();
+    let mut addr = None;
+    // The admin socket is ready once the "is running" line is out.
+    while addr.is_none() || !log.iter().any(|l: &String| l.contains("is running")) {
+        let line = tokio::time::timeout_at(deadline, lines.next_line())
+            .await
+            .map_err(|_| anyhow::anyhow!("confab did not start in time; log: {log:#?}"))??
+            .ok_or_else(|| anyhow::anyhow!("confab exited before listening; log: {log:#?}"))?;
+        let line = strip_ansi(&line);
+        log.push(line.clone());
+        if line.contains("listening for clients") {
+            let a = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("addr="))
+                .ok_or_else(|| anyhow::anyhow!("no addr= in {line}"))?;
+            addr = Some(a.parse()?);
+        }
+    }
+    // Keep draining the log so the server never blocks on a full pipe.
+    let drain = tokio::spawn(async move {
+        let mut rest = Vec::new();
+        while let Ok(Some(l)) = lines.next_line().await {
+            rest.push(strip_ansi(&l));
+        }
+        rest
+    });
+    let addr = addr.ok_or_else(|| anyhow::anyhow!("no client address"))?;
+    Ok((child, addr, drain, log))
+}
+
+async fn login(
+    s: &Setup,
+    addr: std::net::SocketAddr,
+    user: &str,
+    pw: &str,
+    resource: &str,
+) -> anyhow::Result<Client> {
+    let mut c = Client::connect(addr).await?;
+    c.starttls(&s.pki).await?;
+    c.authenticate(ScramHash::Sha256, false, user, pw).await?;
+    c.bind(Some(resource)).await?;
+    Ok(c)
+}
+
+/// A running server is managed entirely from the shell: accounts, status, sessions,
+/// kick, links, stop — over the admin socket, which only the server's user may open.
+#[tokio::test]
+async fn admin_commands_manage_a_running_server() -> anyhow::Result<()> {
+    let s = setup("")?;
+    let out = run(&s, &["status"], "").await?;
+    assert_refused(&out, "not running");
+
+    let (mut child, addr, drain, _log) = spawn_serve(&s).await?;
+    let socket = s.dir.path().join("data").join("admin.sock");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&socket)?.permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "admin socket mode {mode:o}");
+    }
+
+    // A user created while the server runs can log in at once.
+    let bob = format!("bob@{DOMAIN}");
+    let out = run(&s, &["user", "add", &bob], "builder\n").await?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), format!("created {bob}"));
+    let out = run(&s, &["user", "add", &bob], "again\n").await?;
+    assert_refused(&out, "already exists");
+    let mut bob_client = login(&s, addr, "bob", "builder", "cli").await?;
+
+    let out = run(&s, &["status"], "").await?;
+    let status = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(status.contains("status: running"), "{status}");
+    assert!(status.contains(&format!("domains: {DOMAIN}")), "{status}");
+    assert!(status.contains("sessions: 1"), "{status}");
+
+    let out = run(&s, &["sessions"], "").await?;
+    let sessions = text(&out.stdout);
+    assert!(
+        sessions.contains(&format!("{bob}/cli  127.0.0.1  TLSv1.3")),
+        "{sessions}"
+    );
+
+    // Password change while running: the new one works.
+    let out = run(&s, &["user", "passwd", &bob], "newpass\n").await?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let second = login(&s, addr, "bob", "newpass", "second").await;
+    assert!(second.is_ok(), "new password refused");
+    drop(second);
+
+    let out = run(&s, &["kick", &format!("{bob}/cli")], "").await?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        bob_client.expect_closed().await?,
+        Closed::StreamError("policy-violation".into())
+    );
+    let out = run(&s, &["kick", &format!("nobody@{DOMAIN}")], "").await?;
+    assert_refused(&out, "no session");
+
+    // Deleting an account ends its sessions.
+    let mut again = login(&s, addr, "bob", "newpass", "again").await?;
+    let out = run(&s, &["user", "del", &bob], "").await?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        again.expect_closed().await?,
+        Closed::StreamError("not-authorized".into())
+    );
+    assert!(login(&s, addr, "bob", "newpass", "late").await.is_err());
+
+    let out = run(&s, &["s2s"], "").await?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let out = run(&s, &["stop"], "").await?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let exit = tokio::time::timeout(Duration::from_secs(15), child.wait()).await??;
+    assert!(exit.success(), "confab exited with {exit}");
+    let _ = tokio::time::timeout(TIMEOUT, drain).await?;
+    assert!(!socket.exists(), "the admin socket is removed at exit");
     Ok(())
 }
 

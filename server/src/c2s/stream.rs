@@ -394,6 +394,17 @@ impl C2sStream {
         Ok(())
     }
 
+    fn tls_version(&self) -> Option<String> {
+        let Conn::Tls(s) = &self.conn else {
+            return None;
+        };
+        s.get_ref().1.protocol_version().map(|v| match v {
+            rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3".to_string(),
+            rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2".to_string(),
+            other => format!("{other:?}"),
+        })
+    }
+
     fn channel_bindings(&self) -> ChannelBindings {
         let Conn::Tls(s) = &self.conn else {
             return ChannelBindings::default();
@@ -667,8 +678,17 @@ impl C2sStream {
                 .await?;
             return Ok(None);
         }
-        let (handle, receiver) =
-            router.new_session(bare, resource, self.server.config.limits.session_queue);
+        let info = crate::router::SessionInfo {
+            peer: self.peer,
+            tls: self.tls_version(),
+            since: std::time::SystemTime::now(),
+        };
+        let (handle, receiver) = router.new_session(
+            bare,
+            resource,
+            self.server.config.limits.session_queue,
+            info,
+        );
         // RFC 6120 §7.7.2.2: the new session takes over; the old one is told why.
         if let Some((old, state)) = router.bind(handle.clone()) {
             old.kill(
