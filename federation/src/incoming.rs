@@ -37,14 +37,7 @@ pub(crate) async fn accept_loop(
             }
         };
         let _ = tcp.set_nodelay(true);
-        let svc = svc.clone();
-        tokio::spawn(async move {
-            let mut shutdown = svc.shutdown_signal();
-            tokio::select! {
-                _ = serve(svc.clone(), tcp, peer, direct_tls) => {}
-                _ = crate::stream::stopped(&mut shutdown) => {}
-            }
-        });
+        tokio::spawn(serve(svc.clone(), tcp, peer, direct_tls));
     }
 }
 
@@ -64,14 +57,22 @@ struct Incoming {
     authenticated: HashSet<String>,
     stream_id: String,
     sasl_done: bool,
+    /// Whether our header for the current stream is out: a stream error needs one
+    /// before it, even when the peer's header never came (RFC 6120 §4.9.1.1).
+    header_sent: bool,
     /// This link's entry in the service's table (for administration).
     link_id: u64,
 }
 
 async fn serve(svc: Arc<FederationService>, tcp: TcpStream, peer: SocketAddr, direct_tls: bool) {
+    let mut shutdown = svc.shutdown_signal();
     let conn = if direct_tls {
         let accept = svc.server_tls.accept(tcp);
-        match tokio::time::timeout(svc.config.connect_timeout, accept).await {
+        let accepted = tokio::select! {
+            r = tokio::time::timeout(svc.config.connect_timeout, accept) => r,
+            _ = crate::stream::stopped(&mut shutdown) => return,
+        };
+        match accepted {
             Ok(Ok(tls)) => Conn::Server(Box::new(tls)),
             _ => return,
         }
@@ -92,14 +93,34 @@ async fn serve(svc: Arc<FederationService>, tcp: TcpStream, peer: SocketAddr, di
         authenticated: HashSet::new(),
         stream_id: new_id(),
         sasl_done: false,
+        header_sent: false,
         link_id,
     };
-    let result = inc.run().await;
+    let result = tokio::select! {
+        r = inc.run() => r,
+        // Shutdown closes incoming links too, with a reason the peer can log.
+        _ = crate::stream::stopped(&mut shutdown) => {
+            Err(err(SErr::SystemShutdown, "the server is shutting down"))
+        }
+    };
     svc.incoming_closed(link_id);
     match result {
         Ok(()) => inc.s.close_with(None).await,
         Err(LinkError::Stream(e)) => {
             tracing::info!(%peer, error = %e, "closing incoming link");
+            if !inc.header_sent {
+                let name = inc
+                    .local
+                    .clone()
+                    .or_else(|| svc.host.default_domain())
+                    .unwrap_or_default();
+                let id = inc.stream_id.clone();
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    inc.s.write_header(&name, None, Some(&id)),
+                )
+                .await;
+            }
             inc.s.close_with(Some(&e)).await
         }
         Err(e) => tracing::debug!(%peer, error = %e, "incoming link ended"),
@@ -149,6 +170,7 @@ impl Incoming {
         self.s
             .write_header(&our_name, header.from.as_deref(), Some(&self.stream_id))
             .await?;
+        self.header_sent = true;
         if header.default_ns != ns::SERVER {
             return Err(err(
                 SErr::InvalidNamespace,
@@ -267,6 +289,7 @@ impl Incoming {
         }
         // RFC 6120 §5.4.3.3: nothing sent before the handshake counts.
         self.s.restart();
+        self.header_sent = false;
         Ok(())
     }
 
@@ -318,6 +341,7 @@ impl Incoming {
         self.authenticated.insert(domain);
         self.sasl_done = true;
         self.s.restart();
+        self.header_sent = false;
         Ok(true)
     }
 

@@ -155,9 +155,13 @@ async fn negotiate(
                 continue;
             }
             if require_tls {
-                return Err(LinkError::Policy(format!(
-                    "{remote} does not offer TLS and encryption is required"
-                )));
+                // RFC 6120 §5.3.1: nothing goes out in the clear; tell the peer why.
+                let text = format!("{remote} does not offer TLS and encryption is required");
+                s.close_with(Some(
+                    &StreamError::new(StreamErrorCondition::PolicyViolation).with_text(&text),
+                ))
+                .await;
+                return Err(LinkError::Policy(text));
             }
         }
         let peer_cert = if s.conn.is_tls() {
@@ -170,6 +174,19 @@ async fn negotiate(
         } else {
             CertStatus::Missing
         };
+        // Only dialback's DNS-based trust (XEP-0220 §1.3) could stand in for a certificate
+        // that does not authenticate the peer (RFC 6120 §13.7.2); where policy forbids
+        // dialback, such a peer is not talked to at all.
+        if purpose == Purpose::Link && !peer_cert.is_valid() && !allow_dialback {
+            let text = format!(
+                "the certificate of {remote} does not authenticate it ({peer_cert:?}) and dialback is not allowed"
+            );
+            s.close_with(Some(
+                &StreamError::new(StreamErrorCondition::PolicyViolation).with_text(&text),
+            ))
+            .await;
+            return Err(LinkError::NotAuthenticated(text));
+        }
         if purpose == Purpose::Verify {
             return Ok(Established {
                 stream: s,
@@ -316,45 +333,59 @@ pub(crate) async fn run_link(
     svc.link_ready(&key, id, est.method);
     let idle = svc.config.idle_timeout;
     let s = &mut est.stream;
+    let mut batch: Vec<Element> = Vec::with_capacity(WRITE_BATCH);
     let end: Option<StreamError> = loop {
         tokio::select! {
-            m = rx.recv() => {
-                let Some(first) = m else { break None };
-                s.queue_stanza(&first);
-                let mut n = 1;
-                while n < WRITE_BATCH {
-                    match rx.try_recv() {
-                        Ok(next) => { s.queue_stanza(&next); n += 1; }
-                        Err(_) => break,
-                    }
-                }
-                if let Err(e) = s.flush_batch().await {
-                    tracing::info!(%remote, error = %e, "outgoing link write failed");
-                    break None;
-                }
-                svc.count_out(n);
+            // What the peer said comes first: a link it already closed (e.g. its idle
+            // timeout) must not be handed more stanzas that it would never read.
+            biased;
+            _ = crate::stream::stopped(&mut shutdown) => {
+                break Some(StreamError::new(StreamErrorCondition::SystemShutdown));
             }
             r = s.read_more() => {
                 if r.is_err() { break None; }
                 // The peer may answer with errors or close; stanzas are not expected here.
                 let mut closed = false;
-                while let Ok(Some(ev)) = s.buffered_event() {
-                    match ev {
-                        StreamEvent::Close => { closed = true; break; }
-                        StreamEvent::Element(e) if e.is("error", ns::STREAM) => {
+                loop {
+                    match s.buffered_event() {
+                        Ok(None) => break,
+                        Ok(Some(StreamEvent::Close)) | Err(_) => { closed = true; break; }
+                        Ok(Some(StreamEvent::Element(e))) if e.is("error", ns::STREAM) => {
                             tracing::info!(%remote, error = %e, "peer closed the link with an error");
                         }
-                        _ => {}
+                        Ok(Some(_)) => {}
                     }
                 }
                 if closed { break None; }
             }
+            m = rx.recv() => {
+                let Some(first) = m else { break None };
+                batch.clear();
+                batch.push(first);
+                while batch.len() < WRITE_BATCH {
+                    match rx.try_recv() {
+                        Ok(next) => batch.push(next),
+                        Err(_) => break,
+                    }
+                }
+                for stanza in &batch {
+                    s.queue_stanza(stanza);
+                }
+                if let Err(e) = s.flush_batch().await {
+                    tracing::info!(%remote, error = %e, "outgoing link write failed");
+                    // The connection is broken: these stanzas did not reach the peer
+                    // (not all of them, at least). Their senders are told rather than
+                    // left waiting (RFC 6120 §8.3.3); retrying could duplicate some.
+                    for stanza in batch.drain(..) {
+                        svc.host.bounce(stanza, FederationError::RemoteServerTimeout(remote.clone())).await;
+                    }
+                    break None;
+                }
+                svc.count_out(batch.len());
+            }
             _ = tokio::time::sleep(idle) => {
                 tracing::debug!(%local, %remote, "closing idle outgoing link");
                 break None;
-            }
-            _ = crate::stream::stopped(&mut shutdown) => {
-                break Some(StreamError::new(StreamErrorCondition::SystemShutdown));
             }
         }
     };

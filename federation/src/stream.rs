@@ -188,6 +188,11 @@ impl XmlStream {
         out.clear();
         e.write_to(&mut out, ns::SERVER);
         let r = self.write_raw(&out).await;
+        // The buffer is reused by `queue_stanza`, which appends: leaving this element in it
+        // sent it a second time with the first batch of stanzas (a second SASL `<auth/>`
+        // after authentication, which Prosody answers with `unsupported-stanza-type`,
+        // RFC 6120 §4.9.3.22, closing the link).
+        out.clear();
         self.out = out;
         r
     }

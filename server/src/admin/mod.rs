@@ -207,7 +207,7 @@ pub async fn handle(server: &Arc<Server>, req: Request) -> Response {
                     .as_deref()
                     .is_none_or(|d| s.bare.rsplit('@').next() == Some(d))
             });
-            sessions.sort_by(|a, b| a.full_jid().cmp(&b.full_jid()));
+            sessions.sort_by_key(|s| s.full_jid());
             Response::lines(
                 sessions
                     .iter()
