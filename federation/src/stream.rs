@@ -292,3 +292,36 @@ pub(crate) fn new_id() -> String {
 pub(crate) async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = rx.wait_for(|down| *down).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An element written with `write_element` (e.g. SASL `<auth/>`) must not go out
+    /// again with the next batch of stanzas (found against Prosody, which closes the
+    /// link on a second `<auth/>`).
+    #[tokio::test]
+    async fn a_written_element_is_not_repeated_in_the_next_batch() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tcp, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let limits = ParserLimits {
+            max_stanza_size: 4096,
+            max_depth: 16,
+        };
+        let mut s = XmlStream::new(Conn::Plain(tcp.unwrap()), limits);
+        s.write_element(&Element::new("auth", ns::SASL)).await.unwrap();
+        s.queue_stanza(&Element::new("message", ns::CLIENT));
+        s.flush_batch().await.unwrap();
+        s.close_with(None).await;
+        let mut received = String::new();
+        accepted
+            .unwrap()
+            .0
+            .read_to_string(&mut received)
+            .await
+            .unwrap();
+        assert_eq!(received.matches("<auth").count(), 1, "{received}");
+        assert_eq!(received.matches("<message").count(), 1, "{received}");
+    }
+}
