@@ -310,7 +310,9 @@ mod tests {
             max_depth: 16,
         };
         let mut s = XmlStream::new(Conn::Plain(tcp.unwrap()), limits);
-        s.write_element(&Element::new("auth", ns::SASL)).await.unwrap();
+        s.write_element(&Element::new("auth", ns::SASL))
+            .await
+            .unwrap();
         s.queue_stanza(&Element::new("message", ns::CLIENT));
         s.flush_batch().await.unwrap();
         s.close_with(None).await;
