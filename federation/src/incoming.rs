@@ -60,6 +60,9 @@ struct Incoming {
     /// Whether our header for the current stream is out: a stream error needs one
     /// before it, even when the peer's header never came (RFC 6120 §4.9.1.1).
     header_sent: bool,
+    /// A peer that has not authenticated a domain by then is disconnected, so that idle
+    /// unauthenticated connections cannot pile up (RFC 6120 §13.12).
+    negotiation_deadline: tokio::time::Instant,
     /// This link's entry in the service's table (for administration).
     link_id: u64,
 }
@@ -94,6 +97,7 @@ async fn serve(svc: Arc<FederationService>, tcp: TcpStream, peer: SocketAddr, di
         stream_id: new_id(),
         sasl_done: false,
         header_sent: false,
+        negotiation_deadline: tokio::time::Instant::now() + negotiation_timeout(&svc),
         link_id,
     };
     let result = tokio::select! {
@@ -127,14 +131,35 @@ async fn serve(svc: Arc<FederationService>, tcp: TcpStream, peer: SocketAddr, di
     }
 }
 
+/// How long an incoming stream may take to authenticate its first domain: TLS, SASL and
+/// a dialback round trip to the peer's authoritative server (itself bounded by
+/// `connect_timeout` twice), with room to spare.
+fn negotiation_timeout(svc: &FederationService) -> std::time::Duration {
+    (svc.config.connect_timeout * 3).max(std::time::Duration::from_secs(3))
+}
+
 impl Incoming {
+    /// The next event; before the peer authenticated anything, within the deadline.
+    async fn next_event(&mut self) -> Result<StreamEvent, LinkError> {
+        if !self.authenticated.is_empty() {
+            return self.s.next_event().await;
+        }
+        match tokio::time::timeout_at(self.negotiation_deadline, self.s.next_event()).await {
+            Ok(r) => r,
+            Err(_) => Err(err(
+                SErr::ConnectionTimeout,
+                "no domain authenticated in time",
+            )),
+        }
+    }
+
     async fn run(&mut self) -> Result<(), LinkError> {
         loop {
             if self.open().await? {
                 continue;
             }
             loop {
-                let el = match self.s.next_event().await? {
+                let el = match self.next_event().await? {
                     StreamEvent::Element(e) => e,
                     StreamEvent::Close => return Ok(()),
                     StreamEvent::Open(_) => {
@@ -150,7 +175,7 @@ impl Incoming {
 
     /// Reads the peer's header and answers it; true if the stream must be reopened.
     async fn open(&mut self) -> Result<bool, LinkError> {
-        let header = match self.s.next_event().await? {
+        let header = match self.next_event().await? {
             StreamEvent::Open(h) => h,
             _ => return Err(err(SErr::NotWellFormed, "expected a stream header")),
         };

@@ -1,14 +1,16 @@
-//! The command line (clap derive): `serve` and account management.
+//! The command line (clap derive): `serve`, account management, checks, certificates,
+//! and the commands that talk to a running server over the admin socket.
 
 use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use confab_storage::{SledStorage, Storage};
 
 use crate::admin::Request;
+use crate::certs::{Finding, Level};
 use crate::config::Config;
 use crate::server::RunningServer;
 
@@ -29,10 +31,17 @@ pub enum Command {
     /// Manage accounts (with the server stopped: the store is opened directly).
     #[command(subcommand)]
     User(UserCommand),
-    /// Check the configuration, DNS records and links to other servers; each finding is
-    /// one line, and the exit status is non-zero when there is a problem.
+    /// Check the configuration, certificates, DNS records and links to other servers; each
+    /// finding is one line (`ok:`, `warning:` or `problem:`), and the exit status is
+    /// non-zero when there is a problem. Without a subcommand: the configuration and the
+    /// certificates.
+    Check {
+        #[command(subcommand)]
+        what: Option<CheckCommand>,
+    },
+    /// Install or create the certificate a domain is served with (in DATA_DIR/certs).
     #[command(subcommand)]
-    Check(CheckCommand),
+    Cert(CertCommand),
     /// Whether the server runs: version, uptime, domains, sessions, links.
     Status,
     /// The connected sessions (JID, address, TLS, since), optionally of one domain.
@@ -43,12 +52,47 @@ pub enum Command {
     S2s,
     /// Stop the running server (as SIGTERM does).
     Stop,
+    /// Print a shell completion script (e.g. `confab completions bash > /etc/bash_completion.d/confab`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) of confab; with --dir, write one page per command there.
+    Man {
+        /// Write confab.1, confab-user.1, ... into this directory instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CertCommand {
+    /// Create a self-signed certificate for a served domain (DATA_DIR/certs/DOMAIN.crt
+    /// and .key, key mode 0600).
+    Generate {
+        domain: String,
+        /// Replace an existing certificate and key.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Install fullchain.pem and privkey.pem from a certbot `live/DOMAIN/` directory as
+    /// DATA_DIR/certs/DOMAIN.crt and .key, after checking they match and are valid for
+    /// DOMAIN. Works as a deploy hook: certbot --deploy-hook 'confab cert import $RENEWED_LINEAGE'.
+    Import {
+        /// The directory holding fullchain.pem and privkey.pem.
+        path: PathBuf,
+        /// The domain (default: the directory's name).
+        #[arg(long)]
+        domain: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 pub enum CheckCommand {
-    /// The configuration file and the certificates it names.
+    /// The configuration file, and whether each domain's certificate and key load.
     Config,
+    /// Each domain's certificate: loads, valid for the domain, expiry, issuer.
+    Certs { domain: Option<String> },
     /// The SRV and address records of a domain (default: every served domain).
     Dns { domain: Option<String> },
     /// Whether a link to a remote domain can be established, step by step.
@@ -70,6 +114,8 @@ pub enum UserCommand {
     Del { jid: String },
     /// List accounts, optionally of one domain.
     List { domain: Option<String> },
+    /// Show an account: roster size, offline messages waiting, sessions.
+    Show { jid: String },
 }
 
 pub fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
@@ -111,44 +157,107 @@ fn read_password() -> anyhow::Result<String> {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    // These need no configuration: they describe the command line itself.
+    match &cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "confab",
+                &mut std::io::stdout(),
+            );
+            return Ok(());
+        }
+        Command::Man { dir } => return man(dir.as_deref()),
+        _ => {}
+    }
     let config = load_config(cli.config.as_ref())?;
     match cli.command {
         Command::Serve => serve(config).await,
         Command::User(cmd) => user(config, cmd).await,
-        Command::Check(cmd) => check(config, cmd).await,
+        Command::Check { what } => check(config, what).await,
+        Command::Cert(cmd) => cert(config, cmd),
         Command::Status => live(config, Request::Status).await,
         Command::Sessions { domain } => live(config, Request::Sessions { domain }).await,
         Command::Kick { jid } => live(config, Request::Kick { jid }).await,
         Command::S2s => live(config, Request::S2s).await,
         Command::Stop => live(config, Request::Stop).await,
+        Command::Completions { .. } | Command::Man { .. } => Ok(()),
     }
 }
 
-async fn check(config: Config, cmd: CheckCommand) -> anyhow::Result<()> {
-    use confab_federation::check::{check_connectivity, check_dns, Finding};
-    let findings: Vec<Finding> = match cmd {
-        CheckCommand::Config => {
-            // Loading already validated every key and value.
-            let mut f = vec![Finding {
-                ok: true,
-                text: format!(
-                    "configuration is valid; domains: {}",
-                    config.domains.join(", ")
-                ),
-            }];
-            match crate::tls::CertStore::load(&config) {
-                Ok(_) => f.push(Finding {
-                    ok: true,
-                    text: "certificates and keys load for every domain".into(),
-                }),
-                Err(e) => f.push(Finding {
-                    ok: false,
-                    text: e.to_string(),
-                }),
-            }
+fn man(dir: Option<&std::path::Path>) -> anyhow::Result<()> {
+    match dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), dir)
+                .with_context(|| format!("cannot write the pages into {}", dir.display()))?;
+            println!("wrote the manual pages into {}", dir.display());
+        }
+        None => clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?,
+    }
+    Ok(())
+}
+
+fn cert(config: Config, cmd: CertCommand) -> anyhow::Result<()> {
+    let lines = match cmd {
+        CertCommand::Generate { domain, force } => crate::certs::generate(&config, &domain, force)?,
+        CertCommand::Import { path, domain } => {
+            crate::certs::import(&config, &path, domain.as_deref())?
+        }
+    };
+    for line in lines {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// `check config`: the file is valid (loading it checked every key) and each domain's
+/// certificate loads. Unlike starting the server, this generates nothing.
+fn check_config(config: &Config) -> Vec<Finding> {
+    let mut f = vec![Finding::ok(format!(
+        "configuration is valid; domains: {}",
+        config.domains.join(", ")
+    ))];
+    let mut problems = Vec::new();
+    for domain in &config.domains {
+        let loc = crate::certs::location(config, domain);
+        if !loc.configured && !loc.cert.exists() && !loc.key.exists() {
+            continue; // generated on first start
+        }
+        if let Err(e) = crate::certs::inspect(&loc.cert, &loc.key) {
+            problems.push(Finding::problem(format!("{domain}: {e}")));
+        }
+    }
+    if problems.is_empty() {
+        f.push(Finding::ok("certificates and keys load for every domain"));
+    }
+    f.extend(problems);
+    f
+}
+
+async fn check(config: Config, what: Option<CheckCommand>) -> anyhow::Result<()> {
+    use confab_federation::check::{check_connectivity, check_dns};
+    let federation = |f: Vec<confab_federation::check::Finding>| -> Vec<Finding> {
+        f.into_iter()
+            .map(|f| Finding {
+                level: if f.ok { Level::Ok } else { Level::Problem },
+                text: f.text,
+            })
+            .collect()
+    };
+    let findings: Vec<Finding> = match what {
+        None => {
+            // The certificate section says more than `check config`'s loading line.
+            let mut f = check_config(&config);
+            f.truncate(1);
+            f.extend(crate::certs::check(&config, None)?);
             f
         }
-        CheckCommand::Dns { domain } => {
+        Some(CheckCommand::Config) => check_config(&config),
+        Some(CheckCommand::Certs { domain }) => crate::certs::check(&config, domain.as_deref())?,
+        Some(CheckCommand::Dns { domain }) => {
             let fed = config.federation()?;
             let resolver = if fed.nameservers.is_empty() {
                 confab_federation::dns::Resolver::system()?
@@ -160,11 +269,11 @@ async fn check(config: Config, cmd: CheckCommand) -> anyhow::Result<()> {
                 .unwrap_or_else(|| config.domains.clone());
             let mut all = Vec::new();
             for d in domains {
-                all.extend(check_dns(&resolver, &d).await);
+                all.extend(federation(check_dns(&resolver, &d).await));
             }
             all
         }
-        CheckCommand::Connectivity { remote, from } => {
+        Some(CheckCommand::Connectivity { remote, from }) => {
             let local = from
                 .or_else(|| config.domains.first().cloned())
                 .unwrap_or_default();
@@ -181,10 +290,13 @@ async fn check(config: Config, cmd: CheckCommand) -> anyhow::Result<()> {
                 host,
                 certs.resolver(),
             )?;
-            check_connectivity(&service, &local, &remote).await
+            federation(check_connectivity(&service, &local, &remote).await)
         }
     };
-    let problems = findings.iter().filter(|f| !f.ok).count();
+    let problems = findings
+        .iter()
+        .filter(|f| f.level == Level::Problem)
+        .count();
     for f in &findings {
         println!("{f}");
     }
@@ -295,6 +407,18 @@ async fn user(config: Config, cmd: UserCommand) -> anyhow::Result<()> {
             for jid in store.list_accounts(domain.as_deref()).await? {
                 println!("{jid}");
             }
+        }
+        UserCommand::Show { jid } => {
+            crate::accounts::account_jid(&jid, &domains)?;
+            if via_server(&config, &Request::UserShow { jid: jid.clone() }).await? {
+                return Ok(());
+            }
+            let store = open_store(&config)?;
+            let (_, lines) = crate::admin::account_summary(store.as_ref(), &domains, &jid).await?;
+            for line in lines {
+                println!("{line}");
+            }
+            println!("sessions: 0 (the server is not running)");
         }
     }
     Ok(())

@@ -3,6 +3,7 @@
 pub mod accounts;
 pub mod admin;
 pub mod c2s;
+pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod jid;

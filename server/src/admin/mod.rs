@@ -27,6 +27,7 @@ pub enum Request {
     UserPasswd { jid: String, password: String },
     UserDel { jid: String },
     UserList { domain: Option<String> },
+    UserShow { jid: String },
     Sessions { domain: Option<String> },
     Kick { jid: String },
     S2s,
@@ -146,6 +147,38 @@ fn human_duration(secs: u64) -> String {
     }
 }
 
+/// One session as `confab sessions` shows it: JID, address, TLS, connected for.
+fn session_line(s: &crate::router::SessionHandle) -> String {
+    format!(
+        "{}  {}  {}  {}",
+        s.full_jid(),
+        s.info.peer.ip(),
+        s.info.tls.as_deref().unwrap_or("plaintext"),
+        ago(s.info.since)
+    )
+}
+
+/// What `confab user show` prints from the store (sessions are added by the caller):
+/// the prepared bare JID and the lines `account:`, `roster items:`, `offline messages:`.
+pub async fn account_summary(
+    storage: &dyn confab_storage::Storage,
+    domains: &[String],
+    jid: &str,
+) -> Result<(String, Vec<String>), accounts::AccountError> {
+    let bare = accounts::account_jid(jid, domains)?.bare();
+    if storage.account(&bare).await?.is_none() {
+        return Err(accounts::AccountError::NotFound(bare));
+    }
+    let (_, roster) = storage.roster(&bare).await?;
+    let offline = storage.offline_count(&bare).await?;
+    let lines = vec![
+        format!("account: {bare}"),
+        format!("roster items: {}", roster.len()),
+        format!("offline messages: {offline}"),
+    ];
+    Ok((bare, lines))
+}
+
 pub async fn handle(server: &Arc<Server>, req: Request) -> Response {
     let domains = &server.config.domains;
     let iterations = server.config.auth.scram_iterations;
@@ -200,6 +233,21 @@ pub async fn handle(server: &Arc<Server>, req: Request) -> Response {
             Ok(list) => Response::lines(list),
             Err(e) => Response::error(e),
         },
+        Request::UserShow { jid } => match account_summary(storage, domains, &jid).await {
+            Ok((bare, mut lines)) => {
+                let mut sessions: Vec<_> = server
+                    .router
+                    .resources(&bare)
+                    .into_iter()
+                    .map(|r| r.handle)
+                    .collect();
+                sessions.sort_by_key(|s| s.full_jid());
+                lines.push(format!("sessions: {}", sessions.len()));
+                lines.extend(sessions.iter().map(|s| format!("  {}", session_line(s))));
+                Response::lines(lines)
+            }
+            Err(e) => Response::error(e),
+        },
         Request::Sessions { domain } => {
             let mut sessions = server.router.all_sessions();
             sessions.retain(|s| {
@@ -208,20 +256,7 @@ pub async fn handle(server: &Arc<Server>, req: Request) -> Response {
                     .is_none_or(|d| s.bare.rsplit('@').next() == Some(d))
             });
             sessions.sort_by_key(|s| s.full_jid());
-            Response::lines(
-                sessions
-                    .iter()
-                    .map(|s| {
-                        format!(
-                            "{}  {}  {}  {}",
-                            s.full_jid(),
-                            s.info.peer.ip(),
-                            s.info.tls.as_deref().unwrap_or("plaintext"),
-                            ago(s.info.since)
-                        )
-                    })
-                    .collect(),
-            )
+            Response::lines(sessions.iter().map(session_line).collect())
         }
         Request::Kick { jid } => {
             let Ok(addr) = crate::jid::Addr::parse(&jid) else {
