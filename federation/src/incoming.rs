@@ -127,7 +127,14 @@ async fn serve(svc: Arc<FederationService>, tcp: TcpStream, peer: SocketAddr, di
             }
             inc.s.close_with(Some(&e)).await
         }
-        Err(e) => tracing::debug!(%peer, error = %e, "incoming link ended"),
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "incoming link ended");
+            // The peer vanished (or closed with an error) instead of closing the stream:
+            // what it told us about its users' presence is stale (RFC 6121 §4.3).
+            for domain in &inc.authenticated {
+                svc.host.remote_gone(domain).await;
+            }
+        }
     }
 }
 
@@ -273,6 +280,13 @@ impl Incoming {
 
     /// Handles one element; true when the stream restarts.
     async fn element(&mut self, el: Element) -> Result<bool, LinkError> {
+        if el.is("error", ns::STREAM) {
+            // RFC 6120 §4.9: the peer closes the stream with an error; nothing to answer.
+            let why = StreamError::from_element(&el)
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| "unknown".into());
+            return Err(LinkError::Protocol(format!("peer sent a stream error: {why}")));
+        }
         if el.is("starttls", ns::TLS) {
             return self.starttls().await.map(|()| true);
         }

@@ -259,3 +259,30 @@ fn rand_octet() -> u8 {
     h.write_u64(std::process::id() as u64);
     (h.finish() % 250) as u8 + 1
 }
+
+#[tokio::test]
+async fn contacts_on_a_server_that_goes_away_are_shown_unavailable() -> Result<()> {
+    let mut p = pair().await?;
+    let mut alice = p.a.online_at(A, "alice", "pw-alice", "desk").await?;
+    let mut bob = p.b.online_at(B, "bob", "pw-bob", "phone").await?;
+    let (alice_bare, bob_bare) = (format!("alice@{A}"), format!("bob@{B}"));
+    alice
+        .send(&presence(Some("subscribe"), Some(&bob_bare)))
+        .await?;
+    bob.expect(|e| e.name() == "presence" && e.attr("type") == Some("subscribe"))
+        .await?;
+    bob.send(&presence(Some("subscribed"), Some(&alice_bare)))
+        .await?;
+    alice
+        .expect(|e| is_presence_from(e, &bob_bare, None))
+        .await?;
+    // b goes down: however it ends (its users' unavailable presence, or the link
+    // closing under it), alice must not keep seeing bob online.
+    if let Some(running) = p.b.running.take() {
+        running.shutdown().await;
+    }
+    alice
+        .expect(|e| is_presence_from(e, &bob_bare, Some("unavailable")))
+        .await?;
+    Ok(())
+}

@@ -589,6 +589,37 @@ async fn spoofed_from_after_external_is_invalid_from_and_not_delivered() -> Resu
     p.round_trip("spoofed-from").await
 }
 
+/// A peer that vanishes without closing its stream takes its users' presence with it
+/// (RFC 6121 §4.3): local users are told those resources are unavailable.
+#[tokio::test]
+async fn a_vanished_link_marks_its_users_unavailable() -> Result<()> {
+    let p = pair().await?;
+    let mut bob = p.b.online_at(B, "bob", "pw-bob", "watch").await?;
+    let (mut raw, _) = RawS2s::secured(&p, Some(A), Some(A)).await?;
+    let outcome = raw.external(A).await?;
+    assert!(outcome.is("success", ns::SASL), "{outcome}");
+    raw.open(Some(A), B).await?;
+    let carol = format!("carol@{A}/laptop");
+    let mut avail = Element::new("presence", ns::SERVER)
+        .with_attr("from", carol.clone())
+        .with_attr("to", format!("bob@{B}"));
+    avail.append_child(Element::new("status", ns::SERVER).with_text("here"));
+    raw.send(&avail).await?;
+    bob.expect(|e| e.name() == "presence" && e.attr("from") == Some(carol.as_str()))
+        .await?;
+    // The TCP connection drops without </stream:stream>.
+    drop(raw);
+    let gone = bob
+        .expect(|e| {
+            e.name() == "presence"
+                && e.attr("from") == Some(carol.as_str())
+                && e.attr("type") == Some("unavailable")
+        })
+        .await?;
+    assert_eq!(gone.attr("to"), Some(format!("bob@{B}").as_str()));
+    p.round_trip("vanished-link").await
+}
+
 #[tokio::test]
 async fn stanza_to_a_domain_not_served_is_host_unknown() -> Result<()> {
     let p = pair().await?;
