@@ -285,7 +285,9 @@ impl Incoming {
             let why = StreamError::from_element(&el)
                 .map(|e| e.to_string())
                 .unwrap_or_else(|| "unknown".into());
-            return Err(LinkError::Protocol(format!("peer sent a stream error: {why}")));
+            return Err(LinkError::Protocol(format!(
+                "peer sent a stream error: {why}"
+            )));
         }
         if el.is("starttls", ns::TLS) {
             return self.starttls().await.map(|()| true);

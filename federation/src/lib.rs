@@ -82,6 +82,9 @@ pub enum FederationError {
     /// The link could not be established in time.
     #[error("remote server timeout: {0}")]
     RemoteServerTimeout(String),
+    /// Too many stanzas are already waiting for the link to this domain.
+    #[error("too many stanzas queued for {0}")]
+    QueueFull(String),
 }
 
 /// What the router needs from federation.

@@ -170,13 +170,7 @@ impl FederationService {
             (&self.config.tls_listen, true, &mut tls),
         ] {
             for addr in addrs {
-                let listener =
-                    TcpListener::bind(addr)
-                        .await
-                        .map_err(|source| SetupError::Bind {
-                            addr: addr.clone(),
-                            source,
-                        })?;
+                let listener = bind(addr).await?;
                 let local = listener.local_addr().map_err(|source| SetupError::Bind {
                     addr: addr.clone(),
                     source,
@@ -269,7 +263,7 @@ impl FederationService {
                 Ok(()) => return Ok(()),
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     // The link cannot keep up (or is stuck connecting): tell the sender.
-                    return Err(FederationError::RemoteServerTimeout(remote.to_string()));
+                    return Err(FederationError::QueueFull(remote.to_string()));
                 }
                 Err(mpsc::error::TrySendError::Closed(back)) => {
                     self.remove_link(&key, id);
@@ -378,6 +372,24 @@ impl FederationService {
             self.stanzas_out.load(Ordering::Relaxed),
             self.stanzas_in.load(Ordering::Relaxed),
         )
+    }
+}
+
+/// Binds `addr`; on a host without IPv6 the wildcard "[::]" falls back to "0.0.0.0".
+async fn bind(addr: &str) -> Result<TcpListener, SetupError> {
+    match TcpListener::bind(addr).await {
+        Ok(l) => Ok(l),
+        Err(e) if addr.starts_with("[::]:") && e.kind() != std::io::ErrorKind::AddrInUse => {
+            let v4 = addr.replacen("[::]", "0.0.0.0", 1);
+            tracing::warn!(%addr, error = %e, fallback = %v4, "IPv6 unavailable");
+            TcpListener::bind(&v4)
+                .await
+                .map_err(|source| SetupError::Bind { addr: v4, source })
+        }
+        Err(source) => Err(SetupError::Bind {
+            addr: addr.to_string(),
+            source,
+        }),
     }
 }
 

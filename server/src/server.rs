@@ -130,6 +130,7 @@ impl Server {
         }
         let cond = match error {
             confab_federation::FederationError::RemoteServerTimeout(_) => Cond::RemoteServerTimeout,
+            confab_federation::FederationError::QueueFull(_) => Cond::ResourceConstraint,
             _ => Cond::RemoteServerNotFound,
         };
         self.send_error(stanza, cond);
