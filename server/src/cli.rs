@@ -28,7 +28,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the server.
     Serve,
-    /// Manage accounts (with the server stopped: the store is opened directly).
+    /// Manage accounts (through the running server; when it is stopped, in the store directly).
     #[command(subcommand)]
     User(UserCommand),
     /// Check the configuration, certificates, DNS records and links to other servers; each

@@ -351,6 +351,11 @@ mod tests {
         assert_eq!(s, r#"{"cmd":"user_add","jid":"a@b","password":"p"}"#);
         assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"rm -rf"}"#).is_err());
+        let show = Request::UserShow { jid: "a@b".into() };
+        assert_eq!(
+            serde_json::to_string(&show).unwrap(),
+            r#"{"cmd":"user_show","jid":"a@b"}"#
+        );
     }
 
     #[test]
