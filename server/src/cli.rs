@@ -50,6 +50,9 @@ pub enum Command {
     Kick { jid: String },
     /// Server-to-server links (direction, remote domain, authentication, since).
     S2s,
+    /// Apply the configuration file and certificates again without dropping anyone
+    /// (as SIGHUP does); a bad configuration is refused and the old one keeps running.
+    Reload,
     /// Stop the running server (as SIGTERM does).
     Stop,
     /// Print a shell completion script (e.g. `confab completions bash > /etc/bash_completion.d/confab`).
@@ -173,7 +176,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let config = load_config(cli.config.as_ref())?;
     match cli.command {
-        Command::Serve => serve(config).await,
+        Command::Serve => serve(config, cli.config.clone()).await,
+        Command::Reload => live(config, Request::Reload).await,
         Command::User(cmd) => user(config, cmd).await,
         Command::Check { what } => check(config, what).await,
         Command::Cert(cmd) => cert(config, cmd),
@@ -435,7 +439,18 @@ async fn live(config: Config, req: Request) -> anyhow::Result<()> {
     )
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+/// Applies a new log level after a reload; set by the binary, which owns the logger.
+static LOG_RELOADER: std::sync::OnceLock<LogReloader> = std::sync::OnceLock::new();
+
+/// Sets the log filter to a new level.
+pub type LogReloader = Box<dyn Fn(&str) + Send + Sync>;
+
+/// Lets `serve` change the log level when the configuration is reloaded.
+pub fn set_log_reloader(f: LogReloader) {
+    let _ = LOG_RELOADER.set(f);
+}
+
+async fn serve(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir).with_context(|| {
         format!(
             "cannot create the data directory {}",
@@ -444,6 +459,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     })?;
     let store = open_store(&config)?;
     let running = RunningServer::start(config.clone(), store).await?;
+    if let Some(p) = path {
+        let _ = running.server.config_path.set(p);
+    }
+    let _ = running.server.on_reload.set(Box::new(|c: &Config| {
+        if let Some(f) = LOG_RELOADER.get() {
+            f(&c.log_level);
+        }
+    }));
     let admin = crate::admin::bind(&config.data_dir).with_context(|| {
         format!(
             "cannot create the admin socket {}",
@@ -457,9 +480,28 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         stop.clone(),
     ));
     tracing::info!(domains = ?config.domains, "confab {} is running", env!("CARGO_PKG_VERSION"));
-    tokio::select! {
-        _ = wait_for_stop() => {}
-        _ = stop.notified() => {}
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    loop {
+        #[cfg(unix)]
+        let reload = hup.recv();
+        #[cfg(not(unix))]
+        let reload = std::future::pending::<Option<()>>();
+        tokio::select! {
+            _ = wait_for_stop() => break,
+            _ = stop.notified() => break,
+            _ = reload => {
+                // SIGHUP: the same as `confab reload`.
+                match running.server.reload_from_file() {
+                    Ok(notes) => {
+                        for n in notes {
+                            tracing::info!("{n}");
+                        }
+                    }
+                    Err(e) => tracing::error!("{e}"),
+                }
+            }
+        }
     }
     admin_task.abort();
     let _ = std::fs::remove_file(crate::admin::socket_path(&config.data_dir));

@@ -229,9 +229,19 @@ impl Config {
 
     /// Parses and validates config text.
     pub fn parse_str(text: &str) -> Result<Config, ConfigError> {
-        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: PathBuf::from("<config>"),
-            message: e.to_string(),
+        let mut config: Config = toml::from_str(text).map_err(|e| {
+            // One line, for an operator's terminal: "line N: what is wrong".
+            let line = e
+                .span()
+                .map(|span| text.get(..span.start).unwrap_or(text).matches('\n').count() + 1);
+            let what = e.message().trim().replace('\n', " ");
+            ConfigError::Parse {
+                path: PathBuf::from("<config>"),
+                message: match line {
+                    Some(n) => format!("line {n}: {what}"),
+                    None => what,
+                },
+            }
         })?;
         config.normalize()?;
         Ok(config)

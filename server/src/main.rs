@@ -1,19 +1,32 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::prelude::*;
+use tracing_subscriber::{reload, EnvFilter};
 
 fn main() -> ExitCode {
     let cli = confab::cli::Cli::parse();
     let level = confab::cli::load_config(cli.config.as_ref())
         .map(|c| c.log_level)
         .unwrap_or_else(|_| "info".to_string());
-    let filter = EnvFilter::try_from_env("CONFAB_LOG").unwrap_or_else(|_| EnvFilter::new(level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+    // CONFAB_LOG overrides the configured level, also across reloads.
+    let from_env = EnvFilter::try_from_env("CONFAB_LOG").ok();
+    let fixed = from_env.is_some();
+    let filter = from_env.unwrap_or_else(|| EnvFilter::new(level));
+    let (filter, handle) = reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
         .init();
+    if !fixed {
+        confab::cli::set_log_reloader(Box::new(move |level: &str| {
+            let _ = handle.reload(EnvFilter::new(level));
+        }));
+    }
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

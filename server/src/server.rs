@@ -14,14 +14,23 @@ use tokio_rustls::TlsAcceptor;
 use crate::config::Config;
 use crate::modules::Modules;
 use crate::router::Router;
-use crate::tls::CertStore;
+use crate::tls::{CertStore, LiveCerts};
+
+/// Called with the configuration a reload put in force.
+pub type ReloadHook = Box<dyn Fn(&Config) + Send + Sync>;
 
 /// Everything a connection task needs, shared by all of them.
 pub struct Server {
-    pub config: Config,
+    /// The configuration in force; replaced as a whole by a reload.
+    config: std::sync::RwLock<Arc<Config>>,
+    /// The configuration file, if any, that a reload reads again.
+    pub config_path: std::sync::OnceLock<std::path::PathBuf>,
+    /// Called with the new configuration after a successful reload (the binary uses it
+    /// to apply a new log level).
+    pub on_reload: std::sync::OnceLock<ReloadHook>,
     pub storage: Arc<dyn Storage>,
     pub router: Router,
-    pub certs: Arc<CertStore>,
+    pub certs: Arc<LiveCerts>,
     pub tls: TlsAcceptor,
     pub modules: Modules,
     pub started: Instant,
@@ -56,6 +65,14 @@ pub struct RunningServer {
 }
 
 #[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("reload refused, the old configuration stays: {0}")]
+    Refused(String),
+    #[error("reload refused, the old configuration stays: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+}
+
+#[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
@@ -72,12 +89,14 @@ pub enum StartError {
 
 impl Server {
     pub fn new(config: Config, storage: Arc<dyn Storage>) -> Result<Arc<Server>, StartError> {
-        let certs = Arc::new(CertStore::load(&config)?);
+        let certs = LiveCerts::new(CertStore::load(&config)?);
         let tls = TlsAcceptor::from(certs.server_config()?);
         let (shutdown, _) = watch::channel(false);
         Ok(Arc::new(Server {
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
-            config,
+            config: std::sync::RwLock::new(Arc::new(config)),
+            config_path: std::sync::OnceLock::new(),
+            on_reload: std::sync::OnceLock::new(),
             storage,
             router: Router::new(),
             certs,
@@ -94,8 +113,67 @@ impl Server {
         self.shutdown.subscribe()
     }
 
+    /// The configuration in force (a snapshot: a reload does not change it under you).
+    pub fn config(&self) -> Arc<Config> {
+        self.config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     pub fn is_local_domain(&self, domain: &str) -> bool {
-        self.config.is_local_domain(domain)
+        self.config().is_local_domain(domain)
+    }
+
+    /// Applies a new configuration without dropping anyone: certificates, domains,
+    /// limits and authentication settings take effect for new connections and stanzas
+    /// at once. Listen addresses, the data directory and federation settings other than
+    /// certificates need a restart; the returned notes say which changed. On any error
+    /// the running configuration stays as it was.
+    pub fn reload(&self, new: Config) -> Result<Vec<String>, ReloadError> {
+        let old = self.config();
+        let mut notes = Vec::new();
+        if new.data_dir != old.data_dir {
+            return Err(ReloadError::Refused(
+                "data_dir cannot change while the server runs".into(),
+            ));
+        }
+        let restart = [
+            ("c2s.listen", new.c2s.listen != old.c2s.listen),
+            ("c2s.tls_listen", new.c2s.tls_listen != old.c2s.tls_listen),
+            ("s2s", format!("{:?}", new.s2s) != format!("{:?}", old.s2s)),
+            (
+                "limits.max_connections",
+                new.limits.max_connections != old.limits.max_connections,
+            ),
+        ];
+        for (key, changed) in restart {
+            if changed {
+                notes.push(format!("{key} changed: takes effect after a restart"));
+            }
+        }
+        let certs = CertStore::load(&new)?;
+        self.certs.replace(certs);
+        if new.domains != old.domains {
+            notes.push(format!("domains: {}", new.domains.join(", ")));
+        }
+        let new = Arc::new(new);
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = new.clone();
+        if let Some(hook) = self.on_reload.get() {
+            hook(&new);
+        }
+        tracing::info!("configuration and certificates reloaded");
+        notes.push("configuration and certificates reloaded".into());
+        Ok(notes)
+    }
+
+    /// Reads the configuration file again (or the defaults, without one) and applies it.
+    pub fn reload_from_file(&self) -> Result<Vec<String>, ReloadError> {
+        let config = match self.config_path.get() {
+            Some(p) => Config::load(p).map_err(|e| ReloadError::Refused(e.to_string()))?,
+            None => Config::default(),
+        };
+        self.reload(config)
     }
 
     /// Hands a stanza for a remote domain to federation; the sender gets the error
@@ -148,7 +226,7 @@ impl Host for FederationHost {
     fn default_domain(&self) -> Option<String> {
         self.0
             .upgrade()
-            .and_then(|s| s.config.domains.first().cloned())
+            .and_then(|s| s.config().domains.first().cloned())
     }
     fn certificate(&self, domain: &str) -> Option<Arc<rustls::sign::CertifiedKey>> {
         self.0
@@ -182,11 +260,9 @@ impl RunningServer {
         let server = Server::new(config, storage)?;
         let mut tasks = Vec::new();
         let (mut s2s_addrs, mut s2s_tls_addrs) = (Vec::new(), Vec::new());
-        if server.config.s2s.enabled {
-            let fed_config = server
-                .config
-                .federation()
-                .map_err(StartError::FederationIo)?;
+        let config = server.config();
+        if config.s2s.enabled {
+            let fed_config = config.federation().map_err(StartError::FederationIo)?;
             let host = Arc::new(FederationHost(Arc::downgrade(&server)));
             let federation = FederationService::new(fed_config, host, server.certs.resolver())?;
             let (plain, tls) = federation.start_listeners().await?;
@@ -197,8 +273,8 @@ impl RunningServer {
         let mut c2s_addrs = Vec::new();
         let mut c2s_tls_addrs = Vec::new();
         for (addrs, direct_tls, out) in [
-            (&server.config.c2s.listen, false, &mut c2s_addrs),
-            (&server.config.c2s.tls_listen, true, &mut c2s_tls_addrs),
+            (&config.c2s.listen, false, &mut c2s_addrs),
+            (&config.c2s.tls_listen, true, &mut c2s_tls_addrs),
         ] {
             for addr in addrs {
                 let listener = bind(addr).await?;

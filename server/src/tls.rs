@@ -118,6 +118,57 @@ impl CertStore {
     }
 }
 
+/// The certificates in use, replaceable while the server runs (`confab reload`):
+/// connections already established keep theirs, new handshakes get the new ones.
+#[derive(Debug)]
+pub struct LiveCerts(std::sync::RwLock<Arc<CertStore>>);
+
+impl LiveCerts {
+    pub fn new(store: CertStore) -> Arc<LiveCerts> {
+        Arc::new(LiveCerts(std::sync::RwLock::new(Arc::new(store))))
+    }
+
+    pub fn current(&self) -> Arc<CertStore> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn replace(&self, store: CertStore) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(store);
+    }
+
+    pub fn get(&self, domain: &str) -> Option<Arc<DomainCert>> {
+        self.current().get(domain)
+    }
+
+    pub fn for_name(&self, sni: Option<&str>) -> Arc<DomainCert> {
+        self.current().for_name(sni)
+    }
+
+    /// A resolver by SNI that always serves the current certificates.
+    pub fn resolver(self: &Arc<Self>) -> Arc<dyn ResolvesServerCert> {
+        Arc::new(LiveResolver(self.clone()))
+    }
+
+    /// A rustls server configuration serving the current certificates.
+    pub fn server_config(self: &Arc<Self>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let config =
+            rustls::ServerConfig::builder_with_provider(Arc::new(provider::default_provider()))
+                .with_safe_default_protocol_versions()?
+                .with_no_client_auth()
+                .with_cert_resolver(self.resolver());
+        Ok(Arc::new(config))
+    }
+}
+
+#[derive(Debug)]
+struct LiveResolver(Arc<LiveCerts>);
+
+impl ResolvesServerCert for LiveResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.for_name(hello.server_name()).key.clone())
+    }
+}
+
 #[derive(Debug)]
 struct SniResolver(Arc<CertStore>);
 

@@ -31,6 +31,7 @@ pub enum Request {
     Sessions { domain: Option<String> },
     Kick { jid: String },
     S2s,
+    Reload,
     Stop,
 }
 
@@ -180,8 +181,8 @@ pub async fn account_summary(
 }
 
 pub async fn handle(server: &Arc<Server>, req: Request) -> Response {
-    let domains = &server.config.domains;
-    let iterations = server.config.auth.scram_iterations;
+    let domains = &server.config().domains;
+    let iterations = server.config().auth.scram_iterations;
     let storage = server.storage.as_ref();
     match req {
         Request::Status => {
@@ -301,6 +302,10 @@ pub async fn handle(server: &Arc<Server>, req: Request) -> Response {
             }
             Response::lines(lines)
         }
+        Request::Reload => match server.reload_from_file() {
+            Ok(notes) => Response::lines(notes),
+            Err(e) => Response::error(e),
+        },
         Request::Stop => Response::lines(vec!["stopping".into()]),
     }
 }

@@ -93,8 +93,8 @@ pub(super) async fn run(server: Arc<Server>, tcp: TcpStream, peer: SocketAddr, d
         Conn::Plain(tcp)
     };
     let limits = ParserLimits {
-        max_stanza_size: server.config.limits.max_stanza_size,
-        max_depth: server.config.limits.max_depth,
+        max_stanza_size: server.config().limits.max_stanza_size,
+        max_depth: server.config().limits.max_depth,
     };
     let mut s = C2sStream {
         server: server.clone(),
@@ -108,7 +108,7 @@ pub(super) async fn run(server: Arc<Server>, tcp: TcpStream, peer: SocketAddr, d
         authenticated: None,
         auth_failures: 0,
     };
-    let login_timeout = Duration::from_secs(server.config.limits.login_timeout_secs);
+    let login_timeout = Duration::from_secs(server.config().limits.login_timeout_secs);
     // A stream still negotiating is closed at shutdown too (DESIGN: every stream gets
     // system-shutdown), not left to hold the server's state until its login timeout.
     let negotiated = tokio::select! {
@@ -198,7 +198,7 @@ impl C2sStream {
         let from = self
             .domain
             .clone()
-            .or_else(|| self.server.config.domains.first().cloned())
+            .or_else(|| self.server.config().domains.first().cloned())
             .unwrap_or_default();
         let lang = lang
             .filter(|l| {
@@ -343,7 +343,7 @@ impl C2sStream {
 
     fn features(&self) -> Vec<Element> {
         let tls = self.conn.is_tls();
-        let require = self.server.config.c2s.require_encryption;
+        let require = self.server.config().c2s.require_encryption;
         let mut f = Vec::new();
         if self.authenticated.is_none() {
             if !tls {
@@ -428,7 +428,7 @@ impl C2sStream {
     /// Runs one SASL exchange; true on success (the stream then restarts).
     async fn sasl(&mut self, auth: Element) -> Result<bool, End> {
         let tls = self.conn.is_tls();
-        let outcome = if !tls && self.server.config.c2s.require_encryption {
+        let outcome = if !tls && self.server.config().c2s.require_encryption {
             Sasl::Failure("encryption-required")
         } else {
             let mechanism = auth.attr("mechanism").unwrap_or("").to_string();
@@ -479,7 +479,7 @@ impl C2sStream {
             tracing::info!(peer = %self.peer, condition, "authentication failed");
         }
         // RFC 6120 §6.4.5: a few retries, then the connection is closed.
-        if self.auth_failures >= self.server.config.auth.max_failures_per_stream {
+        if self.auth_failures >= self.server.config().auth.max_failures_per_stream {
             return Err(End::error(
                 SErr::PolicyViolation,
                 "too many failed authentication attempts",
@@ -556,7 +556,7 @@ impl C2sStream {
         let bindings = self.channel_bindings();
         let plus_advertised = self.conn.is_tls();
         let mut scram = ScramServer::new(hash, plus, bindings, plus_advertised)
-            .with_unknown_user_iterations(self.server.config.auth.scram_iterations);
+            .with_unknown_user_iterations(self.server.config().auth.scram_iterations);
         let first = match self.initial_response(initial).await? {
             Ok(d) => d,
             Err(cond) => return Ok(Sasl::Failure(cond)),
@@ -621,7 +621,7 @@ impl C2sStream {
             None => None,
         };
         let password = creds.password.clone();
-        let iterations = self.server.config.auth.scram_iterations;
+        let iterations = self.server.config().auth.scram_iterations;
         // PBKDF2 is deliberately slow: keep it off the async worker threads. An unknown
         // user costs the same derivation, so the time to answer does not tell which
         // accounts exist (the same concern as SCRAM's fake salts, RFC 5802 §9).
@@ -686,7 +686,7 @@ impl C2sStream {
         let (handle, receiver) = router.new_session(
             bare,
             resource,
-            self.server.config.limits.session_queue,
+            self.server.config().limits.session_queue,
             info,
         );
         // RFC 6120 §7.7.2.2: the new session takes over; the old one is told why.

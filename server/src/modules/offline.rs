@@ -52,7 +52,7 @@ pub async fn store(server: &Arc<Server>, owner: &str, message: Element) {
             ),
     );
     let bytes = stamped.to_xml("").into_bytes();
-    let max = server.config.limits.max_offline_messages;
+    let max = server.config().limits.max_offline_messages;
     match server.storage.push_offline(owner, bytes, max).await {
         Ok(_) => {}
         Err(StorageError::QueueFull) => {
