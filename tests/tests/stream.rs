@@ -725,3 +725,53 @@ async fn bytes_pipelined_after_starttls_are_discarded() -> Result<()> {
     bob.expect_none(|e| e.name() == "message").await?;
     assert_serving(&server).await
 }
+
+/// A client that stops reading while others send to it is disconnected once its queue
+/// is full (limits.session_queue), instead of the server buffering without end; the
+/// senders keep being served.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_disconnected() -> Result<()> {
+    let server = start_with(|c| c.limits.session_queue = 4).await?;
+    let mut slow = server.online("alice", "wonderland", "slow").await?;
+    let mut fast = server.online("bob", "builder", "fast").await?;
+    let big = "x".repeat(100 * 1024);
+    // 64 messages of 100 KiB: far more than the socket buffers and the queue hold.
+    for i in 0..64 {
+        fast.send(&chat(&slow.jid.clone(), &format!("{i}{big}")))
+            .await?;
+    }
+    // The sender is still served (its own stanzas were all handled in order).
+    ping(&mut fast).await?;
+    // The slow client finds its stream cut off.
+    let closed = slow.expect_closed().await?;
+    assert!(
+        matches!(closed, Closed::Eof | Closed::StreamError(_)),
+        "{closed:?}"
+    );
+    assert_serving(&server).await
+}
+
+/// limits.max_connections holds: the connection over the limit is closed at once, and a
+/// place freed is a place to connect again.
+#[tokio::test]
+async fn connections_over_the_limit_are_refused() -> Result<()> {
+    let server = start_with(|c| c.limits.max_connections = 2).await?;
+    let first = Client::connect(server.addr()).await?;
+    let _second = Client::connect(server.addr()).await?;
+    let mut third = Client::connect_raw(server.addr()).await?;
+    assert_eq!(third.expect_closed().await?, Closed::Eof);
+    drop(first);
+    // The freed place is taken by the next connection (the server notices the close
+    // asynchronously, so try until it has).
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        match Client::connect(server.addr()).await {
+            Ok(_) => break,
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}

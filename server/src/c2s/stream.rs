@@ -815,7 +815,19 @@ impl C2sStream {
                 next = receiver.rx.try_recv().ok();
             }
         }
-        let r = self.write_bytes(&out).await;
+        // A client that stops reading blocks this write; the router then finds its queue
+        // full and flips the kill switch, which must end the session at once rather
+        // than after the write timeout.
+        let r = tokio::select! {
+            r = self.write_bytes(&out) => r,
+            _ = receiver.kill.changed() => {
+                // Part of an element may be on the wire: a stream error after it would
+                // be malformed, so the connection is just closed.
+                let err = receiver.kill.borrow().clone();
+                tracing::info!(jid = %handle.full_jid(), error = ?err, "disconnected while writing");
+                Err(End::Eof)
+            }
+        };
         self.out = out;
         r?;
         if let Some(up_to) = offline_up_to {
