@@ -42,6 +42,12 @@ pub enum Command {
     /// Install or create the certificate a domain is served with (in DATA_DIR/certs).
     #[command(subcommand)]
     Cert(CertCommand),
+    /// Back up the whole store (accounts, rosters, offline messages, vCards, private data)
+    /// into FILE, while the server runs or not; see docs/admin.md for the format.
+    Backup { file: PathBuf },
+    /// Restore a backup made by `confab backup` into an empty store (a new data directory),
+    /// while the server runs or not; a damaged file or a store with data is refused.
+    Restore { file: PathBuf },
     /// Whether the server runs: version, uptime, domains, sessions, links.
     Status,
     /// The connected sessions (JID, address, TLS, since), optionally of one domain.
@@ -50,6 +56,9 @@ pub enum Command {
     Kick { jid: String },
     /// Server-to-server links (direction, remote domain, authentication, since).
     S2s,
+    /// Counters of the running server: sessions, links, stanzas, failed logins, offline
+    /// messages stored, memory and store size.
+    Stats,
     /// Apply the configuration file and certificates again without dropping anyone
     /// (as SIGHUP does); a bad configuration is refused and the old one keeps running.
     Reload,
@@ -179,12 +188,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve => serve(config, cli.config.clone()).await,
         Command::Reload => live(config, Request::Reload).await,
         Command::User(cmd) => user(config, cmd).await,
+        Command::Backup { file } => backup_or_restore(config, file, false).await,
+        Command::Restore { file } => backup_or_restore(config, file, true).await,
         Command::Check { what } => check(config, what).await,
         Command::Cert(cmd) => cert(config, cmd),
         Command::Status => live(config, Request::Status).await,
         Command::Sessions { domain } => live(config, Request::Sessions { domain }).await,
         Command::Kick { jid } => live(config, Request::Kick { jid }).await,
         Command::S2s => live(config, Request::S2s).await,
+        Command::Stats => live(config, Request::Stats).await,
         Command::Stop => live(config, Request::Stop).await,
         Command::Completions { .. } | Command::Man { .. } => Ok(()),
     }
@@ -428,6 +440,30 @@ async fn user(config: Config, cmd: UserCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `backup FILE` and `restore FILE`: done by the running server (as its user, so FILE is
+/// made absolute first), else on the store directly.
+async fn backup_or_restore(config: Config, file: PathBuf, restore: bool) -> anyhow::Result<()> {
+    let path = std::path::absolute(&file)
+        .with_context(|| format!("cannot resolve the path {}", file.display()))?;
+    let req = if restore {
+        Request::Restore { path: path.clone() }
+    } else {
+        Request::Backup { path: path.clone() }
+    };
+    if via_server(&config, &req).await? {
+        return Ok(());
+    }
+    let store = open_store(&config)?;
+    let line = if restore {
+        crate::backup::restore_line(crate::backup::restore(store.as_ref(), &path).await?, &path)
+    } else {
+        crate::backup::backup_line(crate::backup::backup(store.clone(), &path).await?, &path)
+    };
+    store.flush().await?;
+    println!("{line}");
+    Ok(())
+}
+
 /// Commands that only make sense with a running server.
 async fn live(config: Config, req: Request) -> anyhow::Result<()> {
     if via_server(&config, &req).await? {
@@ -480,6 +516,13 @@ async fn serve(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         stop.clone(),
     ));
     tracing::info!(domains = ?config.domains, "confab {} is running", env!("CARGO_PKG_VERSION"));
+    // systemd (Type=notify): listeners and the admin socket are up.
+    crate::ops::sd_notify(&format!(
+        "READY=1\nSTATUS=serving {}\nMAINPID={}",
+        config.domains.join(", "),
+        std::process::id()
+    ));
+    let watchdog = crate::ops::watchdog_interval().map(|i| tokio::spawn(crate::ops::watchdog(i)));
     #[cfg(unix)]
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     loop {
@@ -502,6 +545,10 @@ async fn serve(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
                 }
             }
         }
+    }
+    crate::ops::sd_notify("STOPPING=1");
+    if let Some(w) = watchdog {
+        w.abort();
     }
     admin_task.abort();
     let _ = std::fs::remove_file(crate::admin::socket_path(&config.data_dir));

@@ -31,13 +31,35 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// `error`, `warn`, `info`, `debug` or `trace`, or a tracing filter directive.
     pub log_level: String,
+    /// How log lines are written to stderr: for people or as JSON objects.
+    pub log_format: LogFormat,
     pub c2s: C2sConfig,
     pub s2s: S2sConfig,
     pub auth: AuthConfig,
     pub limits: Limits,
+    pub metrics: MetricsConfig,
     /// Certificate and key per domain; domains without an entry get a self-signed
     /// certificate generated into `data_dir/certs/` on first start.
     pub tls: BTreeMap<String, TlsFiles>,
+}
+
+/// The form of log lines (`log_format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One readable line per event.
+    #[default]
+    Human,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// The Prometheus endpoint (`GET /metrics`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Addresses to serve `/metrics` on; empty (the default): none.
+    pub listen: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -112,6 +134,9 @@ pub struct Limits {
     pub max_offline_messages: usize,
     /// Seconds a new connection may take to authenticate and bind.
     pub login_timeout_secs: u64,
+    /// Failed logins one address may make within a minute, across connections; then
+    /// its logins are refused until older failures leave the window. 0: no limit.
+    pub auth_failures_per_minute: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -129,10 +154,12 @@ impl Default for Config {
             domains: vec!["localhost".to_string()],
             data_dir: PathBuf::from("data"),
             log_level: "info".to_string(),
+            log_format: LogFormat::Human,
             c2s: C2sConfig::default(),
             s2s: S2sConfig::default(),
             auth: AuthConfig::default(),
             limits: Limits::default(),
+            metrics: MetricsConfig::default(),
             tls: BTreeMap::new(),
         }
     }
@@ -186,6 +213,7 @@ impl Default for Limits {
             session_queue: 1024,
             max_offline_messages: 1000,
             login_timeout_secs: 60,
+            auth_failures_per_minute: 10,
         }
     }
 }
@@ -304,6 +332,7 @@ impl Config {
             .chain(&self.c2s.tls_listen)
             .chain(&self.s2s.listen)
             .chain(&self.s2s.tls_listen)
+            .chain(&self.metrics.listen)
         {
             addr.parse::<SocketAddr>().map_err(|_| {
                 ConfigError::Invalid(format!(
@@ -452,5 +481,25 @@ mod tests {
     #[test]
     fn bad_listen_address_is_refused() {
         assert!(Config::parse_str("[c2s]\nlisten = [\"localhost\"]").is_err());
+        assert!(Config::parse_str("[metrics]\nlisten = [\"localhost\"]").is_err());
+    }
+
+    #[test]
+    fn operations_settings() {
+        let c = Config::parse_str("").unwrap();
+        assert_eq!(c.log_format, LogFormat::Human);
+        assert!(c.metrics.listen.is_empty());
+        assert_eq!(c.limits.auth_failures_per_minute, 10);
+        let c = Config::parse_str(
+            "log_format = \"json\"\n[metrics]\nlisten = [\"127.0.0.1:9142\"]\n[limits]\nauth_failures_per_minute = 0\n",
+        )
+        .unwrap();
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.metrics.listen, ["127.0.0.1:9142"]);
+        assert_eq!(c.limits.auth_failures_per_minute, 0);
+        let err = Config::parse_str("log_format = \"xml\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 1"), "{err}");
     }
 }

@@ -2,12 +2,16 @@
 
 pub mod accounts;
 pub mod admin;
+pub mod backup;
 pub mod c2s;
 pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod jid;
+pub mod metrics;
 pub mod modules;
+pub mod ops;
+pub mod ratelimit;
 pub mod router;
 pub mod routing;
 pub mod server;

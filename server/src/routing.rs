@@ -23,6 +23,7 @@ impl Server {
         let Some(kind) = stanza::kind(&stanza) else {
             return;
         };
+        self.stats.stanza_in(kind);
         // An absent `to` means the account itself (RFC 6120 §10.3 / RFC 6121 §8.5.1 note).
         let to = match stanza.attr("to") {
             Some(t) => match Addr::parse(t) {
@@ -243,6 +244,7 @@ impl Server {
                 .map(|a| a.domain)
                 .filter(|d| self.is_local_domain(d));
             if let (Some(local), Some(fed)) = (local, self.federation.get()) {
+                self.stats.element_out(&reply);
                 let _ = fed.enqueue(&local, &to.domain, reply);
             }
             return;

@@ -35,6 +35,10 @@ pub struct Server {
     pub modules: Modules,
     pub started: Instant,
     pub connections: Arc<Semaphore>,
+    /// Counters for `confab stats` and the metrics endpoint.
+    pub stats: crate::ops::Stats,
+    /// Failed logins by source address (`limits.auth_failures_per_minute`).
+    pub auth_limiter: crate::ratelimit::AuthLimiter,
     /// Server-to-server links; unset when federation is off.
     pub federation: std::sync::OnceLock<Arc<FederationService>>,
     /// Remote resources that told local users they are available, by remote domain:
@@ -61,6 +65,8 @@ pub struct RunningServer {
     pub s2s_addrs: Vec<SocketAddr>,
     /// Bound direct-TLS server-to-server addresses.
     pub s2s_tls_addrs: Vec<SocketAddr>,
+    /// Bound Prometheus endpoint addresses (`[metrics] listen`).
+    pub metrics_addrs: Vec<SocketAddr>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -103,6 +109,8 @@ impl Server {
             tls,
             modules: Modules::new(),
             started: Instant::now(),
+            stats: Default::default(),
+            auth_limiter: Default::default(),
             federation: std::sync::OnceLock::new(),
             remote_presence: Default::default(),
             shutdown,
@@ -146,6 +154,8 @@ impl Server {
                 "limits.max_connections",
                 new.limits.max_connections != old.limits.max_connections,
             ),
+            ("metrics.listen", new.metrics.listen != old.metrics.listen),
+            ("log_format", new.log_format != old.log_format),
         ];
         for (key, changed) in restart {
             if changed {
@@ -187,6 +197,9 @@ impl Server {
         let Some(local) = local else {
             return;
         };
+        if let Some(kind) = crate::stanza::kind(&stanza) {
+            self.stats.stanza_out(kind);
+        }
         let result = match self.federation.get() {
             Some(f) => f.send(&local, remote, stanza.clone()).await,
             None => Err(confab_federation::FederationError::RemoteServerNotFound(
@@ -236,6 +249,9 @@ impl Host for FederationHost {
     }
     async fn deliver(&self, stanza: Element) {
         if let Some(server) = self.0.upgrade() {
+            if let Some(kind) = crate::stanza::kind(&stanza) {
+                server.stats.stanza_in(kind);
+            }
             server.route(stanza).await;
         }
     }
@@ -291,12 +307,27 @@ impl RunningServer {
                 )));
             }
         }
+        let mut metrics_addrs = Vec::new();
+        for addr in &config.metrics.listen {
+            let listener = bind(addr).await?;
+            let local = listener.local_addr().map_err(|source| StartError::Bind {
+                addr: addr.clone(),
+                source,
+            })?;
+            tracing::info!(addr = %local, "serving metrics on /metrics");
+            metrics_addrs.push(local);
+            tasks.push(tokio::spawn(crate::metrics::serve(
+                server.clone(),
+                listener,
+            )));
+        }
         Ok(RunningServer {
             server,
             c2s_addrs,
             c2s_tls_addrs,
             s2s_addrs,
             s2s_tls_addrs,
+            metrics_addrs,
             tasks,
         })
     }

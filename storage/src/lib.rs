@@ -14,6 +14,7 @@ mod codec;
 mod keys;
 mod memory;
 mod sled;
+mod snapshot;
 
 #[cfg(test)]
 mod test_suite;
@@ -43,6 +44,9 @@ pub enum StorageError {
     /// An owner (bare JID) that cannot be used as a key prefix (it contains a NUL byte).
     #[error("invalid key: {0}")]
     InvalidKey(String),
+    /// An import into a store that already holds data.
+    #[error("the store is not empty: {0}")]
+    NotEmpty(String),
 }
 
 pub type Result<T> = std::result::Result<T, StorageError>;
@@ -196,9 +200,77 @@ pub trait UserDataStore: Send + Sync {
         -> Result<Vec<(String, Vec<u8>)>>;
 }
 
+/// One unit of a store's content, as [`BackupStore::export`] hands it out and [`BackupStore::import`] takes it
+/// back: backend-neutral, so a backup made from one backend restores into another.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Record {
+    /// An account with its stored SCRAM credentials and creation time.
+    Account(Account),
+    /// A roster's version (RFC 6121 §2.6); absent for a roster never written.
+    RosterVersion {
+        owner: String,
+        version: u64,
+    },
+    RosterItem {
+        owner: String,
+        item: RosterItem,
+    },
+    /// The last offline sequence number handed out for `owner`: kept even when the queue is empty, so sequence
+    /// numbers never go back after a restore.
+    OfflineCounter {
+        owner: String,
+        last_seq: u64,
+    },
+    /// A queued offline stanza with its sequence number.
+    OfflineMessage {
+        owner: String,
+        seq: u64,
+        stanza: Vec<u8>,
+    },
+    UserData {
+        owner: String,
+        key: String,
+        value: Vec<u8>,
+    },
+}
+
+impl Record {
+    /// The bare JID the record belongs to.
+    pub fn owner(&self) -> &str {
+        match self {
+            Record::Account(a) => &a.jid,
+            Record::RosterVersion { owner, .. }
+            | Record::RosterItem { owner, .. }
+            | Record::OfflineCounter { owner, .. }
+            | Record::OfflineMessage { owner, .. }
+            | Record::UserData { owner, .. } => owner,
+        }
+    }
+}
+
+/// Where [`BackupStore::export`] sends each record; an error from it stops the export and is returned.
+pub type RecordSink<'a> = dyn FnMut(Record) -> Result<()> + Send + 'a;
+
+/// Everything a store holds, out and in: what `confab backup` and `confab restore` are made of.
+#[async_trait::async_trait]
+pub trait BackupStore: Send + Sync {
+    /// Hands every record of the store to `sink`: a consistent snapshot (one point in time across all
+    /// records; see each backend for how). Accounts come first, then the other records; callers must not
+    /// rely on any further order. The sink runs synchronously: a slow sink slows the export, and
+    /// backends may hold writers back while they take the snapshot, never while the sink runs.
+    async fn export(&self, sink: &mut RecordSink<'_>) -> Result<()>;
+    /// Loads `records` into an empty store, all or nothing. Fails with [`StorageError::NotEmpty`] if the
+    /// store holds anything (even a stray record without an account), and with [`StorageError::Corrupt`]
+    /// (changing nothing) if the records contradict each other: two records for the same key, an offline
+    /// message numbered above its owner's counter, an owner containing NUL. Offline counts are recomputed
+    /// from the messages; a missing counter is taken as the highest sequence number.
+    async fn import(&self, records: Vec<Record>) -> Result<()>;
+}
+
 #[async_trait::async_trait]
 pub trait Storage:
-    AccountStore + RosterStore + OfflineStore + UserDataStore + Send + Sync + 'static
+    AccountStore + RosterStore + OfflineStore + UserDataStore + BackupStore + Send + Sync + 'static
 {
     /// Makes every write that has returned so far durable (they already are for the sled backend; this is for
     /// shutdown paths and backends that buffer).

@@ -4,9 +4,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::keys::{check_owner, domain_of};
+use crate::snapshot::{not_empty, Snapshot};
 use crate::{
-    Account, AccountStore, OfflineStore, Result, RosterItem, RosterStore, Storage, StorageError,
-    StoredCredential, UserDataStore,
+    Account, AccountStore, BackupStore, OfflineStore, Record, RecordSink, Result, RosterItem,
+    RosterStore, Storage, StorageError, StoredCredential, UserDataStore,
 };
 
 #[derive(Default)]
@@ -229,6 +230,87 @@ impl UserDataStore for MemoryStorage {
                     .collect()
             })
             .unwrap_or_default())
+    }
+}
+
+/// `owner`s of a map, sorted, so exports come out in the same order as the sled backend's.
+fn sorted<V>(m: &HashMap<String, V>) -> Vec<(&String, &V)> {
+    let mut v: Vec<_> = m.iter().collect();
+    v.sort_by(|a, b| a.0.cmp(b.0));
+    v
+}
+
+/// The snapshot is taken under the one mutex, so it is one point in time; the sink runs after the mutex is
+/// released.
+#[async_trait::async_trait]
+impl BackupStore for MemoryStorage {
+    async fn export(&self, sink: &mut RecordSink<'_>) -> Result<()> {
+        let records = {
+            let g = self.lock();
+            let mut out: Vec<Record> = g.accounts.values().cloned().map(Record::Account).collect();
+            for (owner, (version, items)) in sorted(&g.rosters) {
+                out.push(Record::RosterVersion {
+                    owner: owner.clone(),
+                    version: *version,
+                });
+                out.extend(items.values().map(|item| Record::RosterItem {
+                    owner: owner.clone(),
+                    item: item.clone(),
+                }));
+            }
+            for (owner, q) in sorted(&g.offline) {
+                out.push(Record::OfflineCounter {
+                    owner: owner.clone(),
+                    last_seq: q.last_seq,
+                });
+                out.extend(q.messages.iter().map(|(seq, m)| Record::OfflineMessage {
+                    owner: owner.clone(),
+                    seq: *seq,
+                    stanza: m.clone(),
+                }));
+            }
+            for (owner, data) in sorted(&g.userdata) {
+                out.extend(data.iter().map(|(k, v)| Record::UserData {
+                    owner: owner.clone(),
+                    key: k.clone(),
+                    value: v.clone(),
+                }));
+            }
+            out
+        };
+        records.into_iter().try_for_each(sink)
+    }
+
+    async fn import(&self, records: Vec<Record>) -> Result<()> {
+        let snap = Snapshot::from_records(records)?;
+        let mut g = self.lock();
+        if !(g.accounts.is_empty()
+            && g.rosters.is_empty()
+            && g.offline.is_empty()
+            && g.userdata.is_empty())
+        {
+            return Err(not_empty(g.accounts.len()));
+        }
+        g.accounts = snap.accounts;
+        let mut owners: Vec<&String> = snap.roster_versions.keys().collect();
+        owners.extend(snap.rosters.keys());
+        for owner in owners {
+            let version = snap.roster_versions.get(owner).copied().unwrap_or(0);
+            let items = snap.rosters.get(owner).cloned().unwrap_or_default();
+            g.rosters.insert(owner.clone(), (version, items));
+        }
+        for (owner, q) in snap.offline {
+            let last_seq = q.counter();
+            g.offline.insert(
+                owner,
+                OfflineQueue {
+                    last_seq,
+                    messages: q.messages,
+                },
+            );
+        }
+        g.userdata = snap.userdata.into_iter().collect();
+        Ok(())
     }
 }
 

@@ -28,6 +28,20 @@
 //! transactional sweep (skipped if the account was created again meanwhile). A write racing with a deletion
 //! may outlive it only if it lands after that sweep; callers should not write for accounts being deleted.
 //!
+//! # Backups
+//!
+//! [`BackupStore::export`] is a snapshot of one point in time across all trees. sled 0.34 has no snapshots
+//! (its iterators see concurrent writes), so every write method holds the shared side of a gate (an
+//! `RwLock<()>`) while it applies its write to sled's in-memory state, never while it waits for the flush;
+//! the export takes the exclusive side while it lists every tree. The listing copies key and value handles
+//! (reference-counted, no payload copy) and nothing else: decoding and the caller's sink (writing the file)
+//! run after the gate is released. So a write racing a backup is either wholly in it (its sled update was
+//! done before the listing began) or wholly absent (it waited until the listing was done, a pause of the
+//! time it takes to walk the trees; reads never wait). A write in a backup may be one whose flush had not
+//! finished yet. [`BackupStore::import`] holds the exclusive side too: it checks that every tree is empty and
+//! inserts everything in one transaction, so a concurrent writer (say `confab user add`) either makes the
+//! import fail as "not empty" or fails itself because the account now exists.
+//!
 //! # Trees
 //!
 //! `accounts` (bare JID), `rosters` (owner 0x00 contact), `roster_meta` (owner → version), `offline`
@@ -37,7 +51,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use ::sled::transaction::{
     ConflictableTransactionError, ConflictableTransactionResult, TransactionError,
@@ -47,10 +61,11 @@ use ::sled::{IVec, Transactional, Tree};
 use tokio::sync::watch;
 
 use crate::codec::{self, OfflineMeta};
-use crate::keys::{check_owner, domain_of, owner_key, owner_prefix, seq_key, seq_of_key};
+use crate::keys::{check_owner, domain_of, owner_key, owner_prefix, seq_key, seq_of_key, SEP};
+use crate::snapshot::{not_empty, Snapshot};
 use crate::{
-    Account, AccountStore, OfflineStore, Result, RosterItem, RosterStore, Storage, StorageError,
-    StoredCredential, UserDataStore,
+    Account, AccountStore, BackupStore, OfflineStore, Record, RecordSink, Result, RosterItem,
+    RosterStore, Storage, StorageError, StoredCredential, UserDataStore,
 };
 
 fn backend(e: impl std::fmt::Display) -> StorageError {
@@ -80,6 +95,8 @@ pub struct SledStorage {
     offline_meta: Tree,
     userdata: Tree,
     commit: GroupCommit,
+    /// Writers hold it shared while they update sled, backups exclusively (see "Backups" above).
+    gate: RwLock<()>,
 }
 
 impl std::fmt::Debug for SledStorage {
@@ -136,6 +153,7 @@ impl SledStorage {
             offline_meta: tree("offline_meta")?,
             userdata: tree("userdata")?,
             commit: GroupCommit::new(db.clone(), log),
+            gate: RwLock::new(()),
             path: path.to_owned(),
             db,
         })
@@ -144,6 +162,29 @@ impl SledStorage {
     /// The directory of the database.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Held by each write while it updates sled (not while it waits for the flush). The guard is not
+    /// `Send`, so the compiler keeps it from living across an await.
+    fn writing(&self) -> RwLockReadGuard<'_, ()> {
+        // Nothing is guarded but the exclusion itself, so a poisoned lock is still good.
+        self.gate.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Held by backups and restores: no write is in progress or starts meanwhile.
+    fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
+        self.gate.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn trees(&self) -> [&Tree; 6] {
+        [
+            &self.accounts,
+            &self.rosters,
+            &self.roster_meta,
+            &self.offline,
+            &self.offline_meta,
+            &self.userdata,
+        ]
     }
 
     /// Keys of all of `tree`'s records with `prefix`.
@@ -199,6 +240,7 @@ impl SledStorage {
             &self.offline_meta,
             &self.userdata,
         );
+        let _writing = self.writing();
         trees
             .transaction(
                 |(accounts, rosters, roster_meta, offline, offline_meta, userdata)| {
@@ -236,6 +278,7 @@ impl SledStorage {
         check_owner(owner)?;
         let key = owner_key(owner, jid.as_bytes());
         let value = item.map(codec::encode_roster_item);
+        let writing = self.writing();
         let version = (&self.rosters, &self.roster_meta)
             .transaction(|(rosters, meta)| {
                 let Some(version) = Self::read_roster_version(meta, owner)?.checked_add(1) else {
@@ -249,6 +292,7 @@ impl SledStorage {
                 Ok(version)
             })
             .map_err(tx_error)?;
+        drop(writing);
         self.commit.wait().await?;
         Ok(version)
     }
@@ -259,10 +303,13 @@ impl AccountStore for SledStorage {
     async fn create_account(&self, jid: &str, credentials: Vec<StoredCredential>) -> Result<()> {
         check_owner(jid)?;
         let value = codec::encode_account(now_unix(), &credentials);
-        self.accounts
-            .compare_and_swap(jid.as_bytes(), None as Option<&[u8]>, Some(value))
-            .map_err(backend)?
-            .map_err(|_| StorageError::AccountExists)?;
+        {
+            let _writing = self.writing();
+            self.accounts
+                .compare_and_swap(jid.as_bytes(), None as Option<&[u8]>, Some(value))
+                .map_err(backend)?
+                .map_err(|_| StorageError::AccountExists)?;
+        }
         self.commit.wait().await
     }
 
@@ -281,11 +328,13 @@ impl AccountStore for SledStorage {
             };
             let account = codec::decode_account(jid.as_bytes(), &old)?;
             let new = codec::encode_account(account.created_unix, &credentials);
-            match self
-                .accounts
-                .compare_and_swap(jid.as_bytes(), Some(old), Some(new))
-                .map_err(backend)?
-            {
+            let swapped = {
+                let _writing = self.writing();
+                self.accounts
+                    .compare_and_swap(jid.as_bytes(), Some(old), Some(new))
+                    .map_err(backend)?
+            };
+            match swapped {
                 Ok(()) => return self.commit.wait().await,
                 Err(_) => continue,
             }
@@ -360,6 +409,7 @@ impl OfflineStore for SledStorage {
         check_owner(owner)?;
         let value = codec::encode_blob(&stanza);
         let max = u64::try_from(max).unwrap_or(u64::MAX);
+        let writing = self.writing();
         let seq = (&self.offline, &self.offline_meta)
             .transaction(|(offline, meta)| {
                 let mut m = Self::read_offline_meta(meta, owner)?;
@@ -378,6 +428,7 @@ impl OfflineStore for SledStorage {
                 Ok(seq)
             })
             .map_err(tx_error)?;
+        drop(writing);
         self.commit.wait().await?;
         Ok(seq)
     }
@@ -405,6 +456,7 @@ impl OfflineStore for SledStorage {
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(backend)?;
         if !keys.is_empty() {
+            let _writing = self.writing();
             (&self.offline, &self.offline_meta)
                 .transaction(|(offline, meta)| {
                     let mut m = Self::read_offline_meta(meta, owner)?;
@@ -451,17 +503,23 @@ impl UserDataStore for SledStorage {
 
     async fn put_user_data(&self, owner: &str, key: &str, value: Vec<u8>) -> Result<()> {
         check_owner(owner)?;
-        self.userdata
-            .insert(owner_key(owner, key.as_bytes()), codec::encode_blob(&value))
-            .map_err(backend)?;
+        {
+            let _writing = self.writing();
+            self.userdata
+                .insert(owner_key(owner, key.as_bytes()), codec::encode_blob(&value))
+                .map_err(backend)?;
+        }
         self.commit.wait().await
     }
 
     async fn delete_user_data(&self, owner: &str, key: &str) -> Result<()> {
         check_owner(owner)?;
-        self.userdata
-            .remove(owner_key(owner, key.as_bytes()))
-            .map_err(backend)?;
+        {
+            let _writing = self.writing();
+            self.userdata
+                .remove(owner_key(owner, key.as_bytes()))
+                .map_err(backend)?;
+        }
         // Wait even if it was absent: a concurrent delete of it may not be durable yet.
         self.commit.wait().await
     }
@@ -484,6 +542,161 @@ impl UserDataStore for SledStorage {
             out.push((key, codec::decode_blob("user data", &v)?));
         }
         Ok(out)
+    }
+}
+
+type Listing = Vec<(IVec, IVec)>;
+
+fn list_tree(tree: &Tree) -> Result<Listing> {
+    tree.iter()
+        .collect::<std::result::Result<_, _>>()
+        .map_err(backend)
+}
+
+/// `owner 0x00 rest` split at the separator; `what` names the tree in errors.
+fn split_owner_key<'a>(what: &str, key: &'a [u8]) -> Result<(&'a str, &'a [u8])> {
+    let at = key
+        .iter()
+        .position(|b| *b == SEP)
+        .ok_or_else(|| StorageError::Corrupt(format!("{what} key without an owner")))?;
+    let owner = std::str::from_utf8(&key[..at])
+        .map_err(|_| StorageError::Corrupt(format!("{what} owner is not UTF-8")))?;
+    Ok((owner, &key[at + 1..]))
+}
+
+fn owner_of(what: &str, key: &[u8]) -> Result<String> {
+    String::from_utf8(key.to_vec())
+        .map_err(|_| StorageError::Corrupt(format!("{what} key is not UTF-8")))
+}
+
+#[async_trait::async_trait]
+impl BackupStore for SledStorage {
+    async fn export(&self, sink: &mut RecordSink<'_>) -> Result<()> {
+        // The snapshot: handles only, under the exclusive gate (see "Backups" above).
+        let [accounts, rosters, roster_meta, offline, offline_meta, userdata] = {
+            let _exclusive = self.exclusive();
+            let mut lists = Vec::with_capacity(6);
+            for tree in self.trees() {
+                lists.push(list_tree(tree)?);
+            }
+            <[Listing; 6]>::try_from(lists).expect("six trees")
+        };
+        for (k, v) in accounts {
+            sink(Record::Account(codec::decode_account(&k, &v)?))?;
+        }
+        for (k, v) in roster_meta {
+            sink(Record::RosterVersion {
+                owner: owner_of("roster version", &k)?,
+                version: codec::decode_roster_version(&v)?,
+            })?;
+        }
+        for (k, v) in rosters {
+            let (owner, jid) = split_owner_key("roster item", &k)?;
+            sink(Record::RosterItem {
+                owner: owner.to_owned(),
+                item: codec::decode_roster_item(jid, &v)?,
+            })?;
+        }
+        for (k, v) in offline_meta {
+            sink(Record::OfflineCounter {
+                owner: owner_of("offline queue state", &k)?,
+                last_seq: codec::decode_offline_meta(&v)?.last_seq,
+            })?;
+        }
+        for (k, v) in offline {
+            let (owner, _) = split_owner_key("offline message", &k)?;
+            sink(Record::OfflineMessage {
+                owner: owner.to_owned(),
+                seq: seq_of_key(&k, owner.len() + 1)?,
+                stanza: codec::decode_blob("offline message", &v)?,
+            })?;
+        }
+        for (k, v) in userdata {
+            let (owner, key) = split_owner_key("user data", &k)?;
+            let key = std::str::from_utf8(key)
+                .map_err(|_| StorageError::Corrupt("user data key is not UTF-8".into()))?;
+            sink(Record::UserData {
+                owner: owner.to_owned(),
+                key: key.to_owned(),
+                value: codec::decode_blob("user data", &v)?,
+            })?;
+        }
+        Ok(())
+    }
+
+    async fn import(&self, records: Vec<Record>) -> Result<()> {
+        let snap = Snapshot::from_records(records)?;
+        // Encoded up front: the transaction closure may run more than once.
+        let mut accounts = Vec::new();
+        for (jid, a) in &snap.accounts {
+            accounts.push((
+                jid.as_bytes().to_vec(),
+                codec::encode_account(a.created_unix, &a.credentials),
+            ));
+        }
+        let mut roster_meta = Vec::new();
+        for (owner, v) in &snap.roster_versions {
+            roster_meta.push((owner.as_bytes().to_vec(), codec::encode_roster_version(*v)));
+        }
+        let mut rosters = Vec::new();
+        for (owner, items) in &snap.rosters {
+            for (jid, item) in items {
+                rosters.push((
+                    owner_key(owner, jid.as_bytes()),
+                    codec::encode_roster_item(item),
+                ));
+            }
+        }
+        let (mut offline, mut offline_meta) = (Vec::new(), Vec::new());
+        for (owner, q) in &snap.offline {
+            let meta = OfflineMeta {
+                last_seq: q.counter(),
+                count: q.messages.len() as u64,
+            };
+            offline_meta.push((owner.as_bytes().to_vec(), codec::encode_offline_meta(meta)));
+            for (seq, m) in &q.messages {
+                offline.push((seq_key(owner, *seq), codec::encode_blob(m)));
+            }
+        }
+        let mut userdata = Vec::new();
+        for (owner, data) in &snap.userdata {
+            for (key, value) in data {
+                userdata.push((owner_key(owner, key.as_bytes()), codec::encode_blob(value)));
+            }
+        }
+        let lists = [
+            &accounts,
+            &rosters,
+            &roster_meta,
+            &offline,
+            &offline_meta,
+            &userdata,
+        ];
+        {
+            let _exclusive = self.exclusive();
+            if !self.trees().iter().all(|t| t.is_empty()) {
+                return Err(not_empty(self.accounts.len()));
+            }
+            let trees = (
+                &self.accounts,
+                &self.rosters,
+                &self.roster_meta,
+                &self.offline,
+                &self.offline_meta,
+                &self.userdata,
+            );
+            trees
+                .transaction(|(t0, t1, t2, t3, t4, t5)| {
+                    for (tree, list) in [t0, t1, t2, t3, t4, t5].into_iter().zip(lists) {
+                        for (k, v) in list {
+                            tree.insert(k.as_slice(), v.as_slice())?;
+                        }
+                    }
+                    Ok::<_, ConflictableTransactionError<StorageError>>(())
+                })
+                .map_err(tx_error)?;
+        }
+        self.commit.wait().await
     }
 }
 

@@ -388,6 +388,310 @@ async fn flush_and_size<S: Storage>(s: &S) {
     let _ = s.size_on_disk();
 }
 
+/// Every kind of record, with counters that differ from what the data alone implies (a roster version above
+/// the item count, an offline counter above the queued messages).
+async fn populate<S: Storage>(s: &S) {
+    s.create_account("a@x", vec![cred("SHA-1", 1), cred("SHA-256", 2)])
+        .await
+        .unwrap();
+    s.create_account("b@x", vec![cred("SHA-512", 3)])
+        .await
+        .unwrap();
+    s.create_account("c@y", vec![]).await.unwrap();
+    let mut named = item("b@x", Subscription::Both);
+    named.name = Some("Bé".into());
+    named.groups = vec!["Friends".into(), "".into()];
+    s.put_roster_item("a@x", named).await.unwrap();
+    let mut asking = item("c@y", Subscription::None);
+    asking.ask = true;
+    asking.approved = true;
+    s.put_roster_item("a@x", asking).await.unwrap();
+    s.put_roster_item("a@x", item("gone@z", Subscription::To))
+        .await
+        .unwrap();
+    s.remove_roster_item("a@x", "gone@z").await.unwrap();
+    s.put_roster_item("b@x", item("a@x", Subscription::Both))
+        .await
+        .unwrap();
+    for m in ["one", "two", "three"] {
+        s.push_offline("b@x", m.as_bytes().to_vec(), 10)
+            .await
+            .unwrap();
+    }
+    s.remove_offline("b@x", 1).await.unwrap();
+    s.push_offline("c@y", b"\0binary\xff".to_vec(), 10)
+        .await
+        .unwrap();
+    s.remove_offline("c@y", u64::MAX).await.unwrap();
+    s.put_user_data("a@x", "vcard", b"<vCard xmlns='vcard-temp'/>".to_vec())
+        .await
+        .unwrap();
+    s.put_user_data("a@x", "private/x y", vec![0, 1, 255])
+        .await
+        .unwrap();
+    s.put_user_data("b@x", "", Vec::new()).await.unwrap();
+}
+
+async fn export_all<S: Storage + ?Sized>(s: &S) -> Vec<Record> {
+    let mut out = Vec::new();
+    s.export(&mut |r| {
+        out.push(r);
+        Ok(())
+    })
+    .await
+    .unwrap();
+    out
+}
+
+/// What a store holds, through the ordinary read methods.
+async fn contents<S: Storage + ?Sized>(s: &S) -> Vec<String> {
+    let mut out = Vec::new();
+    for jid in s.list_accounts(None).await.unwrap() {
+        out.push(format!("{:?}", s.account(&jid).await.unwrap()));
+        out.push(format!("{:?}", s.roster(&jid).await.unwrap()));
+        out.push(format!("{:?}", s.offline_messages(&jid).await.unwrap()));
+        out.push(format!("{:?}", s.offline_count(&jid).await.unwrap()));
+        out.push(format!("{:?}", s.list_user_data(&jid, "").await.unwrap()));
+    }
+    out
+}
+
+async fn export_import_roundtrip<S: Storage>(s: &S, fresh: &S) {
+    populate(s).await;
+    let records = export_all(s).await;
+    assert!(matches!(records.first(), Some(Record::Account(_))));
+    let count = |f: fn(&Record) -> bool| records.iter().filter(|r| f(r)).count();
+    assert_eq!(count(|r| matches!(r, Record::Account(_))), 3);
+    assert_eq!(count(|r| matches!(r, Record::RosterItem { .. })), 3);
+    assert_eq!(count(|r| matches!(r, Record::RosterVersion { .. })), 2);
+    assert_eq!(count(|r| matches!(r, Record::OfflineMessage { .. })), 2);
+    assert_eq!(count(|r| matches!(r, Record::OfflineCounter { .. })), 2);
+    assert_eq!(count(|r| matches!(r, Record::UserData { .. })), 3);
+
+    fresh.import(records.clone()).await.unwrap();
+    assert_eq!(contents(fresh).await, contents(s).await);
+    assert_eq!(export_all(fresh).await, records);
+    // The counters came along: versions and sequence numbers go on from where they were.
+    assert_eq!(fresh.roster("a@x").await.unwrap().0, 4);
+    assert_eq!(
+        fresh
+            .put_roster_item("a@x", item("d@z", Subscription::None))
+            .await
+            .unwrap(),
+        5
+    );
+    assert_eq!(
+        fresh
+            .push_offline("b@x", b"four".to_vec(), 10)
+            .await
+            .unwrap(),
+        4
+    );
+    assert_eq!(
+        fresh
+            .push_offline("c@y", b"again".to_vec(), 10)
+            .await
+            .unwrap(),
+        2
+    );
+    // The cap counts the restored messages.
+    assert!(matches!(
+        fresh.push_offline("b@x", b"over".to_vec(), 3).await,
+        Err(StorageError::QueueFull)
+    ));
+    // An export of an empty store is empty, and imports into an empty store.
+    assert!(export_all(&*Arc::new(MemoryStorage::new()))
+        .await
+        .is_empty());
+}
+
+async fn import_refuses_a_store_with_data<S: Storage>(s: &S, other: &S) {
+    populate(s).await;
+    let records = export_all(s).await;
+    other.create_account("z@x", vec![]).await.unwrap();
+    let before = export_all(other).await;
+    match other.import(records.clone()).await {
+        Err(StorageError::NotEmpty(m)) => assert!(m.contains("1 account"), "{m}"),
+        r => panic!("import into a store with an account: {r:?}"),
+    }
+    assert_eq!(export_all(other).await, before);
+    // Records left without their account count as data too.
+    other.delete_account("z@x").await.unwrap();
+    other.put_user_data("z@x", "k", vec![1]).await.unwrap();
+    assert!(matches!(
+        other.import(records.clone()).await,
+        Err(StorageError::NotEmpty(_))
+    ));
+    // The store exported from refuses its own records.
+    assert!(matches!(
+        s.import(records).await,
+        Err(StorageError::NotEmpty(_))
+    ));
+}
+
+async fn import_refuses_contradictions<S: Storage>(s: &S) {
+    let acc = |jid: &str| {
+        Record::Account(Account {
+            jid: jid.into(),
+            credentials: vec![cred("SHA-256", 1)],
+            created_unix: 1,
+        })
+    };
+    let msg = |seq| Record::OfflineMessage {
+        owner: "a@x".into(),
+        seq,
+        stanza: b"m".to_vec(),
+    };
+    let counter = |last_seq| Record::OfflineCounter {
+        owner: "a@x".into(),
+        last_seq,
+    };
+    let ud = || Record::UserData {
+        owner: "a@x".into(),
+        key: "k".into(),
+        value: vec![],
+    };
+    let ri = || Record::RosterItem {
+        owner: "a@x".into(),
+        item: RosterItem::new("b@y"),
+    };
+    let rv = || Record::RosterVersion {
+        owner: "a@x".into(),
+        version: 1,
+    };
+    let bad: Vec<(Vec<Record>, &str)> = vec![
+        (
+            vec![acc("a@x"), acc("b@x"), acc("a@x")],
+            "duplicate account",
+        ),
+        (vec![acc("a@x"), ri(), ri()], "duplicate roster item"),
+        (vec![rv(), rv()], "duplicate roster version"),
+        (vec![msg(1), msg(1)], "duplicate offline message"),
+        (vec![counter(3), counter(3)], "duplicate offline counter"),
+        (vec![ud(), ud()], "duplicate user data"),
+        (vec![counter(2), msg(3)], "above its counter"),
+        (vec![msg(0)], "numbered 0"),
+        (vec![acc("a\0b@x")], "NUL"),
+    ];
+    for (records, why) in bad {
+        match s.import(records).await {
+            Err(StorageError::Corrupt(m)) => assert!(m.contains(why), "{m} (expected {why})"),
+            r => panic!("{why}: {r:?}"),
+        }
+        assert!(
+            export_all(s).await.is_empty(),
+            "{why}: something was imported"
+        );
+    }
+    // A queue without a counter record takes its highest message as the counter.
+    s.import(vec![acc("a@x"), msg(2), msg(7)]).await.unwrap();
+    assert_eq!(s.offline_count("a@x").await.unwrap(), 2);
+    assert_eq!(s.push_offline("a@x", b"n".to_vec(), 10).await.unwrap(), 8);
+}
+
+async fn export_stops_on_sink_error<S: Storage>(s: &S) {
+    populate(s).await;
+    let mut seen = 0;
+    let r = s
+        .export(&mut |_| {
+            seen += 1;
+            if seen == 2 {
+                Err(StorageError::Backend("disk full".into()))
+            } else {
+                Ok(())
+            }
+        })
+        .await;
+    assert!(matches!(r, Err(StorageError::Backend(m)) if m == "disk full"));
+    assert_eq!(seen, 2);
+}
+
+/// Exports taken while writers run are each one point in time: a roster's version always equals its number
+/// of items and an offline counter its number of messages, because each writer only adds.
+async fn export_is_a_snapshot<S: Storage>(s: Arc<S>) {
+    const ROUNDS: u64 = 100;
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let s = s.clone();
+        writers.push(tokio::spawn(async move {
+            let owner = format!("w{w}@x");
+            for i in 0..ROUNDS {
+                s.put_roster_item(&owner, item(&format!("c{i}@y"), Subscription::None))
+                    .await
+                    .unwrap();
+                s.push_offline(&owner, vec![1], usize::MAX).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+        }));
+    }
+    // Exports while the writers run, and one after they are done.
+    loop {
+        let done = writers.iter().all(|w| w.is_finished());
+        let records = export_all(&*s).await;
+        let mut versions = std::collections::HashMap::new();
+        let mut items = std::collections::HashMap::<String, u64>::new();
+        let mut counters = std::collections::HashMap::new();
+        let mut msgs = std::collections::HashMap::<String, u64>::new();
+        for r in &records {
+            match r {
+                Record::RosterVersion { owner, version } => {
+                    versions.insert(owner.clone(), *version);
+                }
+                Record::RosterItem { owner, .. } => *items.entry(owner.clone()).or_default() += 1,
+                Record::OfflineCounter { owner, last_seq } => {
+                    counters.insert(owner.clone(), *last_seq);
+                }
+                Record::OfflineMessage { owner, .. } => {
+                    *msgs.entry(owner.clone()).or_default() += 1
+                }
+                _ => {}
+            }
+        }
+        for (owner, v) in &versions {
+            assert_eq!(
+                items.get(owner).copied().unwrap_or(0),
+                *v,
+                "roster of {owner}"
+            );
+        }
+        for (owner, c) in &counters {
+            assert_eq!(
+                msgs.get(owner).copied().unwrap_or(0),
+                *c,
+                "queue of {owner}"
+            );
+        }
+        assert_eq!(items.len(), versions.len());
+        assert_eq!(msgs.len(), counters.len());
+        if done {
+            assert_eq!(versions.values().copied().collect::<Vec<_>>(), [ROUNDS; 4]);
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+}
+
+/// A backup from one backend restores into the other.
+#[tokio::test]
+async fn export_crosses_backends() {
+    let mem = MemoryStorage::new();
+    populate(&mem).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sled = SledStorage::open(dir.path()).unwrap();
+    sled.import(export_all(&mem).await).await.unwrap();
+    assert_eq!(contents(&sled).await, contents(&mem).await);
+    let back = MemoryStorage::new();
+    back.import(export_all(&sled).await).await.unwrap();
+    assert_eq!(export_all(&back).await, export_all(&mem).await);
+    // And it survives a reopen of the sled store.
+    drop(sled);
+    let sled = SledStorage::open(dir.path()).unwrap();
+    assert_eq!(contents(&sled).await, contents(&mem).await);
+}
+
 #[test]
 fn subscription_strings() {
     for s in [
@@ -443,6 +747,31 @@ macro_rules! suite {
             case!(user_data);
             case!(nul_in_owner_is_refused);
             case!(flush_and_size);
+            case!(import_refuses_contradictions);
+            case!(export_stops_on_sink_error);
+
+            macro_rules! case2 {
+                ($name:ident) => {
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                    async fn $name() {
+                        #[allow(clippy::redundant_closure_call)]
+                        let (_guard, s) = ($make)();
+                        #[allow(clippy::redundant_closure_call)]
+                        let (_guard2, s2) = ($make)();
+                        super::$name(&s, &s2).await;
+                    }
+                };
+            }
+
+            case2!(export_import_roundtrip);
+            case2!(import_refuses_a_store_with_data);
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn export_is_a_snapshot() {
+                #[allow(clippy::redundant_closure_call)]
+                let (_guard, s) = ($make)();
+                super::export_is_a_snapshot(Arc::new(s)).await;
+            }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn concurrent_writers() {

@@ -28,9 +28,12 @@ pub enum Request {
     UserDel { jid: String },
     UserList { domain: Option<String> },
     UserShow { jid: String },
+    Backup { path: PathBuf },
+    Restore { path: PathBuf },
     Sessions { domain: Option<String> },
     Kick { jid: String },
     S2s,
+    Stats,
     Reload,
     Stop,
 }
@@ -302,6 +305,16 @@ pub async fn handle(server: &Arc<Server>, req: Request) -> Response {
             }
             Response::lines(lines)
         }
+        Request::Stats => Response::lines(crate::ops::stats_lines(&crate::ops::snapshot(server))),
+        // Absolute paths, read and written by the server's user.
+        Request::Backup { path } => match crate::backup::admin_backup(server, &path).await {
+            Ok(line) => Response::lines(vec![line]),
+            Err(e) => Response::error(e),
+        },
+        Request::Restore { path } => match crate::backup::admin_restore(server, &path).await {
+            Ok(line) => Response::lines(vec![line]),
+            Err(e) => Response::error(e),
+        },
         Request::Reload => match server.reload_from_file() {
             Ok(notes) => Response::lines(notes),
             Err(e) => Response::error(e),

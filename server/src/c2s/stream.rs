@@ -427,6 +427,22 @@ impl C2sStream {
 
     /// Runs one SASL exchange; true on success (the stream then restarts).
     async fn sasl(&mut self, auth: Element) -> Result<bool, End> {
+        // Too many failures from this address (on any connection): no further guess,
+        // whatever the credentials (DESIGN: auth failures per IP per minute).
+        let per_minute = self.server.config().limits.auth_failures_per_minute;
+        let now = std::time::Instant::now();
+        if self
+            .server
+            .auth_limiter
+            .is_blocked(self.peer.ip(), per_minute, now)
+        {
+            self.server.stats.auth_refused();
+            tracing::warn!(peer = %self.peer, "login refused: too many failed logins from this address");
+            return Err(End::error(
+                SErr::PolicyViolation,
+                "too many failed logins from your address, try again later",
+            ));
+        }
         let tls = self.conn.is_tls();
         let outcome = if !tls && self.server.config().c2s.require_encryption {
             Sasl::Failure("encryption-required")
@@ -476,6 +492,15 @@ impl C2sStream {
         self.write_element(&failure(condition)).await?;
         if condition != "aborted" {
             self.auth_failures += 1;
+            self.server.stats.auth_failure();
+            // A failure of our store is not the client's guess.
+            if condition != "temporary-auth-failure" {
+                self.server.auth_limiter.record_failure(
+                    self.peer.ip(),
+                    self.server.config().limits.auth_failures_per_minute,
+                    std::time::Instant::now(),
+                );
+            }
             tracing::info!(peer = %self.peer, condition, "authentication failed");
         }
         // RFC 6120 §6.4.5: a few retries, then the connection is closed.
@@ -802,9 +827,13 @@ impl C2sStream {
         let mut count = 0;
         while let Some(item) = next.take() {
             match item {
-                ToSession::Stanza(e) => e.write_to(&mut out, ns::CLIENT),
+                ToSession::Stanza(e) => {
+                    self.server.stats.element_out(&e);
+                    e.write_to(&mut out, ns::CLIENT);
+                }
                 ToSession::Offline { stanzas, up_to } => {
                     for e in &stanzas {
+                        self.server.stats.element_out(e);
                         e.write_to(&mut out, ns::CLIENT);
                     }
                     offline_up_to = Some(up_to);

@@ -54,7 +54,7 @@ pub async fn store(server: &Arc<Server>, owner: &str, message: Element) {
     let bytes = stamped.to_xml("").into_bytes();
     let max = server.config().limits.max_offline_messages;
     match server.storage.push_offline(owner, bytes, max).await {
-        Ok(_) => {}
+        Ok(_) => server.stats.offline_stored(),
         Err(StorageError::QueueFull) => {
             server.send_error_text(
                 &message,
