@@ -411,7 +411,7 @@ async fn backup_of_a_running_server_restores_into_a_fresh_store() -> anyhow::Res
     assert_eq!(
         text(&out.stdout).trim(),
         format!(
-            "restored 4 account(s) ({records} records) from {}",
+            "restored 4 account(s) in {records} record(s) from {}",
             file.display()
         )
     );
