@@ -4,6 +4,7 @@
 //!
 //! Every wait is an event with a timeout; nothing sleeps for a fixed time.
 
+pub mod bin;
 pub mod dns;
 use std::collections::VecDeque;
 use std::net::SocketAddr;

@@ -8,8 +8,9 @@ use std::time::Duration;
 use anyhow::Result;
 use confab_protocol::sasl::ScramHash;
 use confab_protocol::{ns, Element};
+use confab_tests::bin::*;
 use confab_tests::*;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 
 struct Setup {
     dir: tempfile::TempDir,
@@ -79,35 +80,12 @@ async fn run(s: &Setup, args: &[&str], stdin: &str) -> Result<Output> {
     Ok(tokio::time::timeout(Duration::from_secs(30), child.wait_with_output()).await??)
 }
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
 fn assert_ok(out: &Output) {
     assert!(
         out.status.success(),
         "failed: stdout {} stderr {}",
         text(&out.stdout),
         text(&out.stderr)
-    );
-}
-
-/// Asserts failure with a one-line reason on stderr that mentions `needle`.
-fn assert_refused(out: &Output, needle: &str) {
-    let err = text(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "expected failure, got success; stdout: {}",
-        text(&out.stdout)
-    );
-    assert!(
-        err.to_lowercase().contains(&needle.to_lowercase()),
-        "stderr should mention {needle:?}: {err}"
-    );
-    assert_eq!(
-        err.trim().lines().count(),
-        1,
-        "one-line reason expected: {err}"
     );
 }
 
@@ -436,7 +414,12 @@ async fn cert_import_installs_a_lets_encrypt_directory_that_serve_then_uses() ->
     );
 
     // The server serves the imported certificate.
-    let (mut child, addr, _drain) = spawn_serve(&s).await?;
+    let Served {
+        mut child,
+        addr,
+        drain: _drain,
+        ..
+    } = spawn_serve(&s.config).await?;
     let mut c = Client::connect(addr).await?;
     c.starttls(&pki).await?;
     let served = c.peer_certificates();
@@ -485,7 +468,12 @@ async fn user_show_offline_and_while_running() -> Result<()> {
     let out = run(&s, &["user", "show", "carol@elsewhere.test"], "").await?;
     assert_refused(&out, "not a domain this server serves");
 
-    let (mut child, addr, _drain) = spawn_serve(&s).await?;
+    let Served {
+        mut child,
+        addr,
+        drain: _drain,
+        ..
+    } = spawn_serve(&s.config).await?;
     // Bob adds alice to his roster and writes to her while she is away.
     let mut b = login(&pki, addr, "bob", "builder", "desk").await?;
     let set = Element::new("iq", ns::CLIENT)
@@ -574,70 +562,4 @@ async fn login(
     c.authenticate(ScramHash::Sha256, false, user, pw).await?;
     c.bind(Some(resource)).await?;
     Ok(c)
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::new();
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// Starts `confab serve` and reads its client port from the log; the log keeps being
-/// drained so the server never blocks on a full pipe.
-async fn spawn_serve(
-    s: &Setup,
-) -> Result<(
-    tokio::process::Child,
-    std::net::SocketAddr,
-    tokio::task::JoinHandle<Vec<String>>,
-)> {
-    let mut child = tokio::process::Command::new(confab_bin())
-        .arg("--config")
-        .arg(&s.config)
-        .arg("serve")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    let mut log = Vec::new();
-    let mut addr = None;
-    while addr.is_none() || !log.iter().any(|l: &String| l.contains("is running")) {
-        let line = tokio::time::timeout_at(deadline, lines.next_line())
-            .await
-            .map_err(|_| anyhow::anyhow!("confab did not start in time; log: {log:#?}"))??
-            .ok_or_else(|| anyhow::anyhow!("confab exited before listening; log: {log:#?}"))?;
-        let line = strip_ansi(&line);
-        log.push(line.clone());
-        if line.contains("listening for clients") {
-            let a = line
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("addr="))
-                .ok_or_else(|| anyhow::anyhow!("no addr= in {line}"))?;
-            addr = Some(a.parse()?);
-        }
-    }
-    let drain = tokio::spawn(async move {
-        let mut rest = Vec::new();
-        while let Ok(Some(l)) = lines.next_line().await {
-            rest.push(strip_ansi(&l));
-        }
-        rest
-    });
-    let addr = addr.ok_or_else(|| anyhow::anyhow!("no client address"))?;
-    Ok((child, addr, drain))
 }

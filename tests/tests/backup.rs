@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use confab_protocol::sasl::ScramHash;
 use confab_protocol::{ns, Element};
+use confab_tests::bin::*;
 use confab_tests::*;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -92,31 +93,8 @@ async fn run(config: &Path, args: &[&str], stdin: &str) -> anyhow::Result<Output
     run_in(config, &std::env::temp_dir(), args, stdin).await
 }
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
 fn assert_ok(out: &Output) {
     assert!(out.status.success(), "failed: {}", text(&out.stderr));
-}
-
-/// Failure with a one-line reason on stderr that mentions `needle`.
-fn assert_refused(out: &Output, needle: &str) {
-    let err = text(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "expected failure; stdout: {}",
-        text(&out.stdout)
-    );
-    assert!(
-        err.contains(needle),
-        "stderr should mention {needle:?}: {err}"
-    );
-    assert_eq!(
-        err.trim().lines().count(),
-        1,
-        "one-line reason expected: {err}"
-    );
 }
 
 /// The accounts a store holds, as `confab user list` prints them.

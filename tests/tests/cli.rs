@@ -8,8 +8,9 @@ use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use confab_protocol::sasl::ScramHash;
+use confab_tests::bin::*;
 use confab_tests::*;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 
 struct Setup {
     dir: tempfile::TempDir,
@@ -66,28 +67,6 @@ async fn run(s: &Setup, args: &[&str], stdin: &str) -> anyhow::Result<Output> {
     input.write_all(stdin.as_bytes()).await?;
     drop(input);
     Ok(tokio::time::timeout(Duration::from_secs(30), child.wait_with_output()).await??)
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// Asserts failure with a one-line reason on stderr that mentions `needle`.
-fn assert_refused(out: &Output, needle: &str) {
-    let err = text(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "expected failure, got success; stderr: {err}"
-    );
-    assert!(
-        err.to_lowercase().contains(&needle.to_lowercase()),
-        "stderr should mention {needle:?}: {err}"
-    );
-    assert_eq!(
-        err.trim().lines().count(),
-        1,
-        "one-line reason expected: {err}"
-    );
 }
 
 #[tokio::test]
@@ -176,23 +155,6 @@ async fn user_add_list_passwd_del() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::new();
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 #[tokio::test]
 async fn serve_logs_ports_accepts_logins_and_stops_on_sigterm() -> anyhow::Result<()> {
     let s = setup("")?;
@@ -200,7 +162,12 @@ async fn serve_logs_ports_accepts_logins_and_stops_on_sigterm() -> anyhow::Resul
     let out = run(&s, &["user", "add", &alice], "wonderland\n").await?;
     assert!(out.status.success(), "{}", text(&out.stderr));
 
-    let (mut child, addr, drain, log) = spawn_serve(&s).await?;
+    let Served {
+        mut child,
+        addr,
+        drain,
+        log,
+    } = spawn_serve(&s.config).await?;
 
     let mut c = Client::connect(addr).await?;
     c.starttls(&s.pki).await?;
@@ -249,57 +216,6 @@ async fn serve_logs_ports_accepts_logins_and_stops_on_sigterm() -> anyhow::Resul
     Ok(())
 }
 
-/// Starts `confab serve` and reads its client port from the log.
-async fn spawn_serve(
-    s: &Setup,
-) -> anyhow::Result<(
-    tokio::process::Child,
-    std::net::SocketAddr,
-    tokio::task::JoinHandle<Vec<String>>,
-    Vec<String>,
-)> {
-    let mut child = tokio::process::Command::new(confab_bin())
-        .arg("--config")
-        .arg(&s.config)
-        .arg("serve")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    let mut log = Vec::new();
-    let mut addr = None;
-    // The admin socket is ready once the "is running" line is out.
-    while addr.is_none() || !log.iter().any(|l: &String| l.contains("is running")) {
-        let line = tokio::time::timeout_at(deadline, lines.next_line())
-            .await
-            .map_err(|_| anyhow::anyhow!("confab did not start in time; log: {log:#?}"))??
-            .ok_or_else(|| anyhow::anyhow!("confab exited before listening; log: {log:#?}"))?;
-        let line = strip_ansi(&line);
-        log.push(line.clone());
-        if line.contains("listening for clients") {
-            let a = line
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("addr="))
-                .ok_or_else(|| anyhow::anyhow!("no addr= in {line}"))?;
-            addr = Some(a.parse()?);
-        }
-    }
-    // Keep draining the log so the server never blocks on a full pipe.
-    let drain = tokio::spawn(async move {
-        let mut rest = Vec::new();
-        while let Ok(Some(l)) = lines.next_line().await {
-            rest.push(strip_ansi(&l));
-        }
-        rest
-    });
-    let addr = addr.ok_or_else(|| anyhow::anyhow!("no client address"))?;
-    Ok((child, addr, drain, log))
-}
-
 async fn login(
     s: &Setup,
     addr: std::net::SocketAddr,
@@ -322,7 +238,12 @@ async fn admin_commands_manage_a_running_server() -> anyhow::Result<()> {
     let out = run(&s, &["status"], "").await?;
     assert_refused(&out, "not running");
 
-    let (mut child, addr, drain, _log) = spawn_serve(&s).await?;
+    let Served {
+        mut child,
+        addr,
+        drain,
+        ..
+    } = spawn_serve(&s.config).await?;
     let socket = s.dir.path().join("data").join("admin.sock");
     {
         use std::os::unix::fs::PermissionsExt;
@@ -424,7 +345,12 @@ async fn reload_swaps_certificates_and_refuses_a_bad_config() -> anyhow::Result<
     let s = setup("")?;
     let out = run(&s, &["user", "add", &format!("alice@{DOMAIN}")], "pw\n").await?;
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let (mut child, addr, drain, _log) = spawn_serve(&s).await?;
+    let Served {
+        mut child,
+        addr,
+        drain,
+        ..
+    } = spawn_serve(&s.config).await?;
     let mut before = login(&s, addr, "alice", "pw", "before").await?;
 
     // New certificate files from another CA, in place of the configured ones.

@@ -10,6 +10,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use confab::admin::Request;
 use confab_protocol::sasl::{encode_payload, ClientBinding, ScramClient, ScramHash};
 use confab_protocol::{ns, Element};
+use confab_tests::bin::*;
 use confab_tests::*;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -367,10 +368,6 @@ async fn run(s: &Setup, args: &[&str], stdin: &str) -> Result<Output> {
     input.write_all(stdin.as_bytes()).await?;
     drop(input);
     Ok(tokio::time::timeout(Duration::from_secs(30), child.wait_with_output()).await??)
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 /// The next notification, skipping `WATCHDOG=1` unless that is what is awaited.

@@ -1,0 +1,115 @@
+//! Driving the real `confab` binary: start `serve` and read its ports from the log, and
+//! check a command's output.
+
+use std::path::Path;
+use std::process::{Output, Stdio};
+
+use anyhow::{anyhow, Result};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::{confab_bin, TIMEOUT};
+
+/// A `confab serve` child process.
+pub struct Served {
+    pub child: tokio::process::Child,
+    /// The first STARTTLS client address it logged.
+    pub addr: std::net::SocketAddr,
+    /// The rest of its log, collected until it exits (so it never blocks on a full pipe).
+    pub drain: tokio::task::JoinHandle<Vec<String>>,
+    /// The log up to "is running".
+    pub log: Vec<String>,
+}
+
+/// Starts `confab --config CONFIG serve` and waits (bounded) until it is running: its
+/// client port is logged and the admin socket is up.
+pub async fn spawn_serve(config: &Path) -> Result<Served> {
+    let mut child = tokio::process::Command::new(confab_bin())
+        .arg("--config")
+        .arg(config)
+        .arg("serve")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stderr = child
+        .stderr
+        .take()
+        .ok_or_else(|| anyhow!("no stderr pipe"))?;
+    let mut lines = BufReader::new(stderr).lines();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let mut log = Vec::new();
+    let mut addr = None;
+    // The admin socket is ready once the "is running" line is out.
+    while addr.is_none() || !log.iter().any(|l: &String| l.contains("is running")) {
+        let line = tokio::time::timeout_at(deadline, lines.next_line())
+            .await
+            .map_err(|_| anyhow!("confab did not start in time; log: {log:#?}"))??
+            .ok_or_else(|| anyhow!("confab exited before listening; log: {log:#?}"))?;
+        let line = strip_ansi(&line);
+        log.push(line.clone());
+        if line.contains("listening for clients") {
+            let a = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("addr="))
+                .ok_or_else(|| anyhow!("no addr= in {line}"))?;
+            addr = Some(a.parse()?);
+        }
+    }
+    let drain = tokio::spawn(async move {
+        let mut rest = Vec::new();
+        while let Ok(Some(l)) = lines.next_line().await {
+            rest.push(strip_ansi(&l));
+        }
+        rest
+    });
+    let addr = addr.ok_or_else(|| anyhow!("no client address"))?;
+    Ok(Served {
+        child,
+        addr,
+        drain,
+        log,
+    })
+}
+
+/// Removes ANSI escape sequences (log colours) from a line.
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Asserts failure with a one-line reason on stderr that mentions `needle`.
+pub fn assert_refused(out: &Output, needle: &str) {
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stdout: {} stderr: {err}",
+        text(&out.stdout)
+    );
+    assert!(
+        err.contains(needle),
+        "stderr should mention {needle:?}: {err}"
+    );
+    assert_eq!(
+        err.trim().lines().count(),
+        1,
+        "one-line reason expected: {err}"
+    );
+}
