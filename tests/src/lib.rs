@@ -822,6 +822,20 @@ impl Client {
         self.jid.split('/').next().unwrap_or_default().to_string()
     }
 
+    /// Pings the server (XEP-0199) and fails unless it answers with a result.
+    pub async fn ping(&mut self) -> Result<()> {
+        let reply = self
+            .iq(Element::new("iq", ns::CLIENT)
+                .with_attr("type", "get")
+                .with_attr("to", self.domain.clone())
+                .with_child(Element::new("ping", ns::PING)))
+            .await?;
+        if reply.attr("type") != Some("result") {
+            bail!("ping failed: {reply}");
+        }
+        Ok(())
+    }
+
     /// Requests the roster; returns the query element.
     pub async fn roster_get(&mut self) -> Result<Element> {
         let reply = self
@@ -857,6 +871,24 @@ impl Client {
         self.send_str("</stream:stream>").await?;
         self.expect_closed().await
     }
+}
+
+/// After a failed or closed connection, a fresh client of the account `probe` (password
+/// `probing`, which the test created) still logs in, gets an answer and closes cleanly.
+pub async fn assert_serving(server: &TestServer) -> Result<()> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let resource = format!("probe-{}", N.fetch_add(1, Ordering::Relaxed));
+    let mut c = server
+        .login("probe", "probing", &resource)
+        .await
+        .context("a fresh client could not log in")?;
+    c.ping().await?;
+    anyhow::ensure!(
+        c.close().await? == Closed::Clean,
+        "the probe's close was not clean"
+    );
+    Ok(())
 }
 
 /// A chat message stanza.

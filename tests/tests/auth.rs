@@ -18,33 +18,6 @@ async fn start() -> Result<TestServer> {
     Ok(server)
 }
 
-/// After a failed or closed connection, a fresh client still logs in and gets an answer.
-async fn assert_serving(server: &TestServer) -> Result<()> {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    let resource = format!("probe-{}", N.fetch_add(1, Ordering::Relaxed));
-    let mut c = server
-        .login("probe", "probing", &resource)
-        .await
-        .context("a fresh client could not log in")?;
-    ping(&mut c).await?;
-    assert_eq!(c.close().await?, Closed::Clean);
-    Ok(())
-}
-
-async fn ping(c: &mut Client) -> Result<()> {
-    let reply = c
-        .iq(Element::new("iq", ns::CLIENT)
-            .with_attr("type", "get")
-            .with_attr("to", DOMAIN)
-            .with_child(Element::new("ping", ns::PING)))
-        .await?;
-    if reply.attr("type") != Some("result") {
-        bail!("ping failed: {reply}");
-    }
-    Ok(())
-}
-
 /// A client on the STARTTLS port with TLS in place, not authenticated.
 async fn tls_client(server: &TestServer) -> Result<Client> {
     let mut c = Client::connect(server.addr()).await?;
@@ -110,7 +83,7 @@ async fn scram_sha_1_256_512_succeed() -> Result<()> {
         c.authenticate(hash, false, "alice", "wonderland").await?;
         let jid = c.bind(Some(&format!("r{i}"))).await?;
         assert_eq!(jid, format!("alice@{DOMAIN}/r{i}"));
-        ping(&mut c).await?;
+        c.ping().await?;
     }
     Ok(())
 }
@@ -122,11 +95,11 @@ async fn scram_plus_with_tls_exporter_succeeds_on_both_ports() -> Result<()> {
         let mut c = tls_client(&server).await?;
         c.authenticate(hash, true, "alice", "wonderland").await?;
         c.bind(Some(&format!("starttls{i}"))).await?;
-        ping(&mut c).await?;
+        c.ping().await?;
         let mut c = Client::connect_tls(server.tls_addr(), &server.pki).await?;
         c.authenticate(hash, true, "alice", "wonderland").await?;
         c.bind(Some(&format!("direct{i}"))).await?;
-        ping(&mut c).await?;
+        c.ping().await?;
     }
     Ok(())
 }
@@ -332,7 +305,7 @@ async fn wrong_password_is_not_authorized() -> Result<()> {
         // The stream stays usable: the right password works next.
         c.authenticate(hash, false, "alice", "wonderland").await?;
         c.bind(None).await?;
-        ping(&mut c).await?;
+        c.ping().await?;
     }
     assert_serving(&server).await
 }
@@ -385,7 +358,7 @@ async fn plain_over_tls_succeeds_and_fails() -> Result<()> {
     assert_eq!(failure_of(&err), Some("not-authorized"), "{err}");
     c.authenticate_plain("alice", "wonderland").await?;
     c.bind(Some("plain")).await?;
-    ping(&mut c).await?;
+    c.ping().await?;
     // On the direct TLS port too, and with the own JID as authzid.
     let mut c = Client::connect_tls(server.tls_addr(), &server.pki).await?;
     c.send(&auth(
@@ -473,7 +446,7 @@ async fn abort_is_answered_with_aborted_and_login_can_follow() -> Result<()> {
     c.authenticate(ScramHash::Sha256, false, "alice", "wonderland")
         .await?;
     c.bind(None).await?;
-    ping(&mut c).await?;
+    c.ping().await?;
     Ok(())
 }
 

@@ -24,37 +24,6 @@ async fn start_with(adjust: impl FnOnce(&mut confab::Config)) -> Result<TestServ
     Ok(server)
 }
 
-/// After a bad connection was closed, a fresh client still logs in and gets an answer.
-async fn assert_serving(server: &TestServer) -> Result<()> {
-    let mut c = server
-        .login("probe", "probing", &format!("probe-{}", rand_suffix()))
-        .await
-        .context("a fresh client could not log in")?;
-    ping(&mut c).await?;
-    assert_eq!(c.close().await?, Closed::Clean);
-    Ok(())
-}
-
-fn rand_suffix() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
-}
-
-/// An XEP-0199 ping to the server; fails unless a result comes back.
-async fn ping(c: &mut Client) -> Result<()> {
-    let reply = c
-        .iq(Element::new("iq", ns::CLIENT)
-            .with_attr("type", "get")
-            .with_attr("to", DOMAIN)
-            .with_child(Element::new("ping", ns::PING)))
-        .await?;
-    if reply.attr("type") != Some("result") {
-        bail!("ping failed: {reply}");
-    }
-    Ok(())
-}
-
 fn header(attrs: &str) -> String {
     format!(
         "<?xml version='1.0'?><stream:stream xmlns:stream='{}' {attrs}>",
@@ -119,7 +88,7 @@ async fn starttls_required_before_mechanisms_then_full_set_after_tls() -> Result
     c.authenticate(ScramHash::Sha256, true, "alice", "wonderland")
         .await?;
     c.bind(Some("laptop")).await?;
-    ping(&mut c).await?;
+    c.ping().await?;
     assert_eq!(c.close().await?, Closed::Clean);
     Ok(())
 }
@@ -137,7 +106,7 @@ async fn direct_tls_port_offers_mechanisms_without_starttls() -> Result<()> {
         .await?;
     let jid = c.bind(Some("direct")).await?;
     assert_eq!(jid, format!("alice@{DOMAIN}/direct"));
-    ping(&mut c).await?;
+    c.ping().await?;
     assert_eq!(c.close().await?, Closed::Clean);
     Ok(())
 }
@@ -192,7 +161,7 @@ async fn without_required_encryption_scram_works_in_plaintext_but_never_plain_or
     c.authenticate(ScramHash::Sha256, false, "alice", "wonderland")
         .await?;
     c.bind(Some("plain-tcp")).await?;
-    ping(&mut c).await?;
+    c.ping().await?;
     assert_eq!(c.close().await?, Closed::Clean);
     Ok(())
 }
@@ -215,7 +184,7 @@ async fn auth_before_required_tls_fails_with_encryption_required() -> Result<()>
     c.authenticate(ScramHash::Sha256, false, "alice", "wonderland")
         .await?;
     c.bind(None).await?;
-    ping(&mut c).await?;
+    c.ping().await?;
     Ok(())
 }
 
@@ -310,7 +279,7 @@ async fn bind_with_client_resource_and_server_chosen_resource() -> Result<()> {
     a.chat(&jid, "to the other resource").await?;
     let m = b.expect_body("to the other resource").await?;
     assert_eq!(m.attr("from"), Some(a.jid.as_str()));
-    ping(&mut a).await?;
+    a.ping().await?;
     Ok(())
 }
 
@@ -351,7 +320,7 @@ async fn bind_with_invalid_resource_is_bad_request_and_can_retry() -> Result<()>
     // The stream stays in the bind step: a valid bind works.
     let jid = c.bind(Some("second-try")).await?;
     assert_eq!(jid, format!("alice@{DOMAIN}/second-try"));
-    ping(&mut c).await?;
+    c.ping().await?;
     Ok(())
 }
 
@@ -365,7 +334,7 @@ async fn resource_conflict_closes_older_session_and_new_one_works() -> Result<()
         old.expect_closed().await?,
         Closed::StreamError("conflict".into())
     );
-    ping(&mut new).await?;
+    new.ping().await?;
     let mut bob = server.online("bob", "builder", "phone").await?;
     bob.chat(&format!("alice@{DOMAIN}/desk"), "reaches the new one")
         .await?;
@@ -411,7 +380,7 @@ async fn legacy_session_iq_returns_result() -> Result<()> {
             .with_child(Element::new("session", ns::SESSION)))
         .await?;
     assert_eq!(reply.attr("type"), Some("result"), "{reply}");
-    ping(&mut c).await?;
+    c.ping().await?;
     Ok(())
 }
 
@@ -427,7 +396,7 @@ async fn legacy_session_iq_to_the_domain_returns_result() -> Result<()> {
             .with_child(Element::new("session", ns::SESSION)))
         .await?;
     assert_eq!(reply.attr("type"), Some("result"), "{reply}");
-    ping(&mut c).await?;
+    c.ping().await?;
     Ok(())
 }
 
@@ -446,7 +415,7 @@ async fn whitespace_keepalives_are_accepted_everywhere() -> Result<()> {
     c.bind(Some("ws")).await?;
     for _ in 0..3 {
         c.send_str(" \r\n\t ").await?;
-        ping(&mut c).await?;
+        c.ping().await?;
     }
     // Whitespace glued to a stanza in one write.
     c.send_str(&format!(
@@ -629,7 +598,7 @@ async fn idle_connection_hits_login_timeout() -> Result<()> {
         idle.expect_closed().await?,
         Closed::StreamError("connection-timeout".into())
     );
-    ping(&mut a).await?;
+    a.ping().await?;
     a.chat(&b.jid.clone(), "still here").await?;
     b.expect_body("still here").await?;
     Ok(())
@@ -741,7 +710,7 @@ async fn a_client_that_stops_reading_is_disconnected() -> Result<()> {
             .await?;
     }
     // The sender is still served (its own stanzas were all handled in order).
-    ping(&mut fast).await?;
+    fast.ping().await?;
     // The slow client finds its stream cut off.
     let closed = slow.expect_closed().await?;
     assert!(
