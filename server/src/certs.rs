@@ -3,8 +3,8 @@
 //!
 //! Name checks are RFC 6125 DNS-ID matching by rustls-webpki
 //! (`EndEntityCert::verify_is_valid_for_subject_name`), never a search in the subject.
-//! Dates, issuer and subject are read with x509-parser. Nothing here starts or talks to
-//! a server: a running server keeps the certificates it loaded until it is restarted.
+//! Dates, issuer and subject are read with x509-parser. Nothing here talks to a server:
+//! the command line asks a running one to reload after installing a certificate.
 
 use std::fmt;
 use std::fs;
@@ -400,18 +400,6 @@ fn configured_elsewhere(config: &Config, domain: &str) -> Option<String> {
     })
 }
 
-/// What happens next: certificates are loaded when the server starts (reloading a
-/// running server is not there yet).
-fn restart_note(config: &Config) -> String {
-    if crate::admin::socket_path(&config.data_dir).exists() {
-        "the running server keeps its current certificate until it is restarted \
-         (`confab stop`, then start it again)"
-            .into()
-    } else {
-        "the server uses it when it starts".into()
-    }
-}
-
 /// `confab cert generate DOMAIN [--force]`: a self-signed certificate in `data_dir/certs`.
 pub fn generate(config: &Config, domain: &str, force: bool) -> anyhow::Result<Vec<String>> {
     let domain = served_domain(config, domain)?;
@@ -449,7 +437,6 @@ pub fn generate(config: &Config, domain: &str, force: bool) -> anyhow::Result<Ve
         date(facts.not_after)
     )];
     lines.extend(configured_elsewhere(config, &domain));
-    lines.push(restart_note(config));
     Ok(lines)
 }
 
@@ -538,7 +525,6 @@ pub fn import(config: &Config, dir: &Path, domain: Option<&str>) -> anyhow::Resu
             .map(|f| f.to_string()),
     );
     lines.extend(configured_elsewhere(config, &domain));
-    lines.push(restart_note(config));
     Ok(lines)
 }
 

@@ -191,7 +191,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Backup { file } => backup_or_restore(config, file, false).await,
         Command::Restore { file } => backup_or_restore(config, file, true).await,
         Command::Check { what } => check(config, what).await,
-        Command::Cert(cmd) => cert(config, cmd),
+        Command::Cert(cmd) => cert(config, cmd).await,
         Command::Status => live(config, Request::Status).await,
         Command::Sessions { domain } => live(config, Request::Sessions { domain }).await,
         Command::Kick { jid } => live(config, Request::Kick { jid }).await,
@@ -216,7 +216,7 @@ fn man(dir: Option<&std::path::Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn cert(config: Config, cmd: CertCommand) -> anyhow::Result<()> {
+async fn cert(config: Config, cmd: CertCommand) -> anyhow::Result<()> {
     let lines = match cmd {
         CertCommand::Generate { domain, force } => crate::certs::generate(&config, &domain, force)?,
         CertCommand::Import { path, domain } => {
@@ -225,6 +225,11 @@ fn cert(config: Config, cmd: CertCommand) -> anyhow::Result<()> {
     };
     for line in lines {
         println!("{line}");
+    }
+    // A running server picks the new files up at once (as `confab reload`), so this
+    // works as a certbot deploy hook on its own.
+    if !via_server(&config, &Request::Reload).await? {
+        println!("the server uses it when it starts");
     }
     Ok(())
 }

@@ -428,14 +428,25 @@ async fn cert_import_installs_a_lets_encrypt_directory_that_serve_then_uses() ->
         Some(&leaf_der(&live.join("fullchain.pem"))?)
     );
     drop(c);
-    // Importing again while it runs: replaced on disk, and said that a restart is needed.
-    let out = run(&s, &["cert", "import", live.to_str().unwrap()], "").await?;
+    // Importing a renewed certificate while it runs (the certbot deploy hook): the
+    // running server reloads, and the next client is served the new one.
+    let renewed_dir = tempfile::tempdir()?;
+    let renewed_pki = TestPki::create(renewed_dir.path(), &[DOMAIN])?;
+    let renewed = live_dir(renewed_dir.path(), DOMAIN, renewed_dir.path(), DOMAIN)?;
+    let out = run(&s, &["cert", "import", renewed.to_str().unwrap()], "").await?;
     assert_ok(&out);
     assert!(
-        text(&out.stdout).contains("the running server keeps its current certificate"),
+        text(&out.stdout).contains("configuration and certificates reloaded"),
         "{}",
         text(&out.stdout)
     );
+    let mut c = Client::connect(addr).await?;
+    c.starttls(&renewed_pki).await?;
+    assert_eq!(
+        c.peer_certificates().first(),
+        Some(&leaf_der(&renewed.join("fullchain.pem"))?)
+    );
+    drop(c);
     let out = run(&s, &["stop"], "").await?;
     assert_ok(&out);
     tokio::time::timeout(Duration::from_secs(15), child.wait()).await??;
