@@ -109,7 +109,8 @@ pub enum CheckCommand {
     Dns { domain: Option<String> },
     /// Whether a link to a remote domain can be established, step by step.
     Connectivity {
-        remote: String,
+        /// The remote domain; without it, whether our own ports answer.
+        remote: Option<String>,
         /// Our domain to connect as (default: the first served domain).
         #[arg(long)]
         from: Option<String>,
@@ -294,7 +295,13 @@ async fn check(config: Config, what: Option<CheckCommand>) -> anyhow::Result<()>
             }
             all
         }
-        Some(CheckCommand::Connectivity { remote, from }) => {
+        Some(CheckCommand::Connectivity { remote: None, .. }) => {
+            federation(crate::selfcheck::check_own_ports(&config).await)
+        }
+        Some(CheckCommand::Connectivity {
+            remote: Some(remote),
+            from,
+        }) => {
             let local = from
                 .or_else(|| config.domains.first().cloned())
                 .unwrap_or_default();

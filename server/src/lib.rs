@@ -14,6 +14,7 @@ pub mod ops;
 pub mod ratelimit;
 pub mod router;
 pub mod routing;
+pub mod selfcheck;
 pub mod server;
 pub mod stanza;
 pub mod tls;

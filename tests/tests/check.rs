@@ -199,3 +199,54 @@ async fn check_connectivity_names_a_certificate_mismatch() -> Result<()> {
     );
     Ok(())
 }
+
+/// Without a remote domain, `check connectivity` checks that our own ports answer.
+#[tokio::test]
+async fn check_connectivity_without_a_domain_checks_our_own_ports() -> Result<()> {
+    let pki = TestPki::create_temp(&[A])?;
+    let dns = TestDns::start().await?;
+    let tmp = tempfile::tempdir()?;
+    let config = config_for_a(&pki, &dns, tmp.path())?;
+    // Nothing listens yet on these (free) ports: each is a problem, named.
+    let c2s = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let s2s = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let text = std::fs::read_to_string(&config)?
+        .replacen(
+            "[c2s]\nlisten = [\"127.0.0.1:0\"]",
+            &format!("[c2s]\nlisten = [\"{c2s}\"]"),
+            1,
+        )
+        .replacen(
+            "[s2s]\nlisten = [\"127.0.0.1:0\"]",
+            &format!("[s2s]\nlisten = [\"{s2s}\"]"),
+            1,
+        );
+    std::fs::write(&config, text)?;
+    let out = confab(&config, &["check", "connectivity"]).await?;
+    let report = stdout(&out);
+    assert!(!out.status.success());
+    assert!(
+        report.contains(&format!("problem: c2s {c2s}: connection refused")),
+        "{report}"
+    );
+    assert!(
+        report.contains(&format!("problem: s2s {s2s}: connection refused")),
+        "{report}"
+    );
+
+    // With the server running on them, both answer.
+    let served = confab_tests::bin::spawn_serve(&config).await?;
+    let out = confab(&config, &["check", "connectivity"]).await?;
+    let report = stdout(&out);
+    assert!(out.status.success(), "{report}");
+    assert!(
+        report.contains(&format!("ok: c2s {c2s} answers")),
+        "{report}"
+    );
+    assert!(
+        report.contains(&format!("ok: s2s {s2s} answers")),
+        "{report}"
+    );
+    drop(served);
+    Ok(())
+}
