@@ -11,31 +11,52 @@ use crate::service::{AuthMethod, FederationService};
 use crate::verify::CertStatus;
 use crate::LinkError;
 
-/// One line of a check.
+/// How bad a finding is: `warning` keeps the exit status at 0, `problem` does not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    Ok,
+    Warning,
+    Problem,
+}
+
+/// One line of a check: `ok: …`, `warning: …` or `problem: … what to do`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Finding {
-    pub ok: bool,
+    pub level: Level,
     pub text: String,
 }
 
 impl Finding {
-    fn ok(text: impl Into<String>) -> Finding {
+    pub fn ok(text: impl Into<String>) -> Finding {
         Finding {
-            ok: true,
+            level: Level::Ok,
             text: text.into(),
         }
     }
-    fn problem(text: impl Into<String>) -> Finding {
+    pub fn warning(text: impl Into<String>) -> Finding {
         Finding {
-            ok: false,
+            level: Level::Warning,
             text: text.into(),
         }
+    }
+    pub fn problem(text: impl Into<String>) -> Finding {
+        Finding {
+            level: Level::Problem,
+            text: text.into(),
+        }
+    }
+    pub fn is_problem(&self) -> bool {
+        self.level == Level::Problem
     }
 }
 
 impl std::fmt::Display for Finding {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let tag = if self.ok { "ok" } else { "problem" };
+        let tag = match self.level {
+            Level::Ok => "ok",
+            Level::Warning => "warning",
+            Level::Problem => "problem",
+        };
         write!(f, "{tag}: {}", self.text)
     }
 }

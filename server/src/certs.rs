@@ -6,7 +6,6 @@
 //! Dates, issuer and subject are read with x509-parser. Nothing here talks to a server:
 //! the command line asks a running one to reload after installing a certificate.
 
-use std::fmt;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -20,51 +19,8 @@ use crate::config::Config;
 /// A certificate that expires within this many days gets a warning.
 pub const WARN_DAYS: i64 = 14;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Level {
-    Ok,
-    Warning,
-    Problem,
-}
-
-/// One line of a check: `ok: …`, `warning: …` (exit 0) or `problem: … what to do`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Finding {
-    pub level: Level,
-    pub text: String,
-}
-
-impl Finding {
-    pub fn ok(text: impl Into<String>) -> Finding {
-        Finding {
-            level: Level::Ok,
-            text: text.into(),
-        }
-    }
-    pub fn warning(text: impl Into<String>) -> Finding {
-        Finding {
-            level: Level::Warning,
-            text: text.into(),
-        }
-    }
-    pub fn problem(text: impl Into<String>) -> Finding {
-        Finding {
-            level: Level::Problem,
-            text: text.into(),
-        }
-    }
-}
-
-impl fmt::Display for Finding {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let tag = match self.level {
-            Level::Ok => "ok",
-            Level::Warning => "warning",
-            Level::Problem => "problem",
-        };
-        write!(f, "{tag}: {}", self.text)
-    }
-}
+/// The findings are the same type `check dns` and `check connectivity` print.
+pub use confab_federation::check::{Finding, Level};
 
 /// Where the server takes a domain's certificate from.
 #[derive(Clone, Debug)]

@@ -261,14 +261,6 @@ fn check_config(config: &Config) -> Vec<Finding> {
 
 async fn check(config: Config, what: Option<CheckCommand>) -> anyhow::Result<()> {
     use confab_federation::check::{check_connectivity, check_dns};
-    let federation = |f: Vec<confab_federation::check::Finding>| -> Vec<Finding> {
-        f.into_iter()
-            .map(|f| Finding {
-                level: if f.ok { Level::Ok } else { Level::Problem },
-                text: f.text,
-            })
-            .collect()
-    };
     let findings: Vec<Finding> = match what {
         None => {
             // The certificate section says more than `check config`'s loading line.
@@ -291,12 +283,12 @@ async fn check(config: Config, what: Option<CheckCommand>) -> anyhow::Result<()>
                 .unwrap_or_else(|| config.domains.clone());
             let mut all = Vec::new();
             for d in domains {
-                all.extend(federation(check_dns(&resolver, &d).await));
+                all.extend(check_dns(&resolver, &d).await);
             }
             all
         }
         Some(CheckCommand::Connectivity { remote: None, .. }) => {
-            federation(crate::selfcheck::check_own_ports(&config).await)
+            crate::selfcheck::check_own_ports(&config).await
         }
         Some(CheckCommand::Connectivity {
             remote: Some(remote),
@@ -318,7 +310,7 @@ async fn check(config: Config, what: Option<CheckCommand>) -> anyhow::Result<()>
                 host,
                 certs.resolver(),
             )?;
-            federation(check_connectivity(&service, &local, &remote).await)
+            check_connectivity(&service, &local, &remote).await
         }
     };
     let problems = findings

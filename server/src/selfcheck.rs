@@ -39,11 +39,11 @@ pub async fn check_own_ports(config: &Config) -> Vec<Finding> {
     for (kind, addr, direct, stream_ns) in listeners {
         let label = format!("{kind} {addr}{}", if direct { " (direct TLS)" } else { "" });
         let Ok(mut target) = addr.parse::<SocketAddr>() else {
-            out.push(problem(format!("{label}: not an IP:PORT address")));
+            out.push(Finding::problem(format!("{label}: not an IP:PORT address")));
             continue;
         };
         if target.port() == 0 {
-            out.push(ok(format!(
+            out.push(Finding::ok(format!(
                 "{label}: port 0 is chosen at start; not checked"
             )));
             continue;
@@ -57,22 +57,14 @@ pub async fn check_own_ports(config: &Config) -> Vec<Finding> {
         }
         let result = tokio::time::timeout(TIMEOUT, probe(target, direct, &domain, stream_ns)).await;
         out.push(match result {
-            Ok(Ok(())) => ok(format!("{label} answers")),
-            Ok(Err(e)) => problem(format!("{label}: {e}")),
-            Err(_) => problem(format!(
+            Ok(Ok(())) => Finding::ok(format!("{label} answers")),
+            Ok(Err(e)) => Finding::problem(format!("{label}: {e}")),
+            Err(_) => Finding::problem(format!(
                 "{label}: no answer within {TIMEOUT:?} (is the server stuck or a firewall dropping?)"
             )),
         });
     }
     out
-}
-
-fn ok(text: String) -> Finding {
-    Finding { ok: true, text }
-}
-
-fn problem(text: String) -> Finding {
-    Finding { ok: false, text }
 }
 
 async fn probe(
