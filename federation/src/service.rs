@@ -9,9 +9,7 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 use confab_protocol::Element;
-use rustls::client::ResolvesClientCert;
 use rustls::server::ResolvesServerCert;
-use rustls::sign::CertifiedKey;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
@@ -92,27 +90,6 @@ pub struct FederationService {
     stanzas_out: AtomicU64,
     stanzas_in: AtomicU64,
     shutdown: watch::Sender<bool>,
-}
-
-struct ClientCert(Option<Arc<CertifiedKey>>);
-
-impl std::fmt::Debug for ClientCert {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ClientCert")
-    }
-}
-
-impl ResolvesClientCert for ClientCert {
-    fn resolve(
-        &self,
-        _root_hint_subjects: &[&[u8]],
-        _sigschemes: &[rustls::SignatureScheme],
-    ) -> Option<Arc<CertifiedKey>> {
-        self.0.clone()
-    }
-    fn has_certs(&self) -> bool {
-        self.0.is_some()
-    }
 }
 
 impl FederationService {
@@ -200,7 +177,7 @@ impl FederationService {
     }
 
     pub(crate) fn client_tls(&self, local: &str, direct: bool) -> Arc<rustls::ClientConfig> {
-        let cert = ClientCert(self.host.certificate(local));
+        let cert = crate::verify::ClientCert(self.host.certificate(local));
         let config = client_config(&self.anchors, Arc::new(cert));
         if !direct {
             return config;

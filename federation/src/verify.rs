@@ -330,6 +330,29 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The client certificate offered on outgoing links (for the peer's SASL EXTERNAL), or
+/// none.
+pub struct ClientCert(pub Option<Arc<rustls::sign::CertifiedKey>>);
+
+impl std::fmt::Debug for ClientCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientCert")
+    }
+}
+
+impl rustls::client::ResolvesClientCert for ClientCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.0.clone()
+    }
+    fn has_certs(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
 /// rustls `ClientConfig` for outgoing s2s connections. The handshake does not fail on an
 /// untrusted or misnamed server certificate (we may fall back to dialback); get the verdict
 /// afterwards with [`check_peer_cert`] on `conn.peer_certificates()`. Our own certificate
