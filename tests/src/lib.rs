@@ -891,6 +891,74 @@ pub async fn assert_serving(server: &TestServer) -> Result<()> {
     Ok(())
 }
 
+/// A minimal XML stream over any transport, for scripts the [`Client`] cannot express
+/// (bytes pipelined around STARTTLS, a TLS connection held by the test itself).
+pub struct RawStream<S> {
+    pub io: S,
+    pub parser: StreamParser,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> RawStream<S> {
+    pub fn new(io: S) -> RawStream<S> {
+        RawStream {
+            io,
+            parser: StreamParser::new(ParserLimits::default()),
+        }
+    }
+
+    pub async fn send(&mut self, e: &Element) -> Result<()> {
+        self.send_str(&e.to_xml(ns::CLIENT)).await
+    }
+
+    pub async fn send_str(&mut self, s: &str) -> Result<()> {
+        self.io.write_all(s.as_bytes()).await?;
+        self.io.flush().await?;
+        Ok(())
+    }
+
+    /// The next event, reading as needed (bounded by [`TIMEOUT`]).
+    pub async fn event(&mut self) -> Result<StreamEvent> {
+        let mut buf = vec![0u8; 16384];
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            if let Some(ev) = self.parser.next_event()? {
+                return Ok(ev);
+            }
+            let n = tokio::time::timeout_at(deadline, self.io.read(&mut buf)).await??;
+            if n == 0 {
+                bail!("connection closed");
+            }
+            self.parser.feed(&buf[..n]);
+        }
+    }
+
+    pub async fn element(&mut self) -> Result<Element> {
+        match self.event().await? {
+            StreamEvent::Element(e) => Ok(e),
+            other => bail!("expected an element, got {other:?}"),
+        }
+    }
+
+    /// Opens a client stream to [`DOMAIN`] (restarting the parser) and returns the features.
+    pub async fn open(&mut self) -> Result<Element> {
+        self.parser.reset();
+        self.send_str(&format!(
+            "<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='{}' to='{DOMAIN}' version='1.0'>",
+            ns::STREAM
+        ))
+        .await?;
+        match self.event().await? {
+            StreamEvent::Open(_) => {}
+            other => bail!("expected a header, got {other:?}"),
+        }
+        let f = self.element().await?;
+        if !f.is("features", ns::STREAM) {
+            bail!("expected features, got {f}");
+        }
+        Ok(f)
+    }
+}
+
 /// A chat message stanza.
 pub fn chat(to: &str, body: &str) -> Element {
     Element::new("message", ns::CLIENT)

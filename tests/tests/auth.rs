@@ -5,9 +5,8 @@ use anyhow::{bail, Context, Result};
 use confab_protocol::sasl::{
     decode_payload, encode_payload, ClientBinding, ScramClient, ScramHash,
 };
-use confab_protocol::{ns, Element, ParserLimits, StreamEvent, StreamParser};
+use confab_protocol::{ns, Element, StreamEvent};
 use confab_tests::*;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 async fn start() -> Result<TestServer> {
@@ -128,73 +127,6 @@ async fn scram_plus_with_foreign_tls_exporter_fails() -> Result<()> {
 
 // ---- tls-server-end-point (RFC 5929) -----------------------------------------------------
 
-/// A minimal stream reader over a TLS connection we hold ourselves, to read the server's
-/// certificate (the `Client` does not expose it).
-struct Raw<S> {
-    io: S,
-    parser: StreamParser,
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> Raw<S> {
-    fn new(io: S) -> Raw<S> {
-        Raw {
-            io,
-            parser: StreamParser::new(ParserLimits::default()),
-        }
-    }
-
-    async fn send(&mut self, e: &Element) -> Result<()> {
-        self.send_str(&e.to_xml(ns::CLIENT)).await
-    }
-
-    async fn send_str(&mut self, s: &str) -> Result<()> {
-        self.io.write_all(s.as_bytes()).await?;
-        self.io.flush().await?;
-        Ok(())
-    }
-
-    async fn event(&mut self) -> Result<StreamEvent> {
-        let mut buf = vec![0u8; 16384];
-        let deadline = tokio::time::Instant::now() + TIMEOUT;
-        loop {
-            if let Some(ev) = self.parser.next_event()? {
-                return Ok(ev);
-            }
-            let n = tokio::time::timeout_at(deadline, self.io.read(&mut buf)).await??;
-            if n == 0 {
-                bail!("connection closed");
-            }
-            self.parser.feed(&buf[..n]);
-        }
-    }
-
-    async fn element(&mut self) -> Result<Element> {
-        match self.event().await? {
-            StreamEvent::Element(e) => Ok(e),
-            other => bail!("expected an element, got {other:?}"),
-        }
-    }
-
-    /// Sends a stream header and returns the features.
-    async fn open(&mut self) -> Result<Element> {
-        self.parser.reset();
-        self.send_str(&format!(
-            "<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='{}' to='{DOMAIN}' version='1.0'>",
-            ns::STREAM
-        ))
-        .await?;
-        match self.event().await? {
-            StreamEvent::Open(_) => {}
-            other => bail!("expected a header, got {other:?}"),
-        }
-        let f = self.element().await?;
-        if !f.is("features", ns::STREAM) {
-            bail!("expected features, got {f}");
-        }
-        Ok(f)
-    }
-}
-
 /// SHA-256, from the TLS library's own provider (the test CA signs with ECDSA P-256 /
 /// SHA-256, so RFC 5929 §4.1 hashes the certificate with SHA-256).
 fn sha256(data: &[u8]) -> Result<Vec<u8>> {
@@ -208,7 +140,10 @@ fn sha256(data: &[u8]) -> Result<Vec<u8>> {
 
 async fn direct_tls(
     server: &TestServer,
-) -> Result<(Raw<tokio_rustls::client::TlsStream<TcpStream>>, Vec<u8>)> {
+) -> Result<(
+    RawStream<tokio_rustls::client::TlsStream<TcpStream>>,
+    Vec<u8>,
+)> {
     let tcp = tokio::time::timeout(TIMEOUT, TcpStream::connect(server.tls_addr())).await??;
     let connector = tokio_rustls::TlsConnector::from(server.pki.client_config());
     let name = rustls_pki_types::ServerName::try_from(DOMAIN.to_string())?;
@@ -221,11 +156,11 @@ async fn direct_tls(
         .context("no server certificate")?
         .as_ref()
         .to_vec();
-    Ok((Raw::new(tls), sha256(&leaf)?))
+    Ok((RawStream::new(tls), sha256(&leaf)?))
 }
 
 async fn raw_scram(
-    raw: &mut Raw<tokio_rustls::client::TlsStream<TcpStream>>,
+    raw: &mut RawStream<tokio_rustls::client::TlsStream<TcpStream>>,
     mut scram: ScramClient,
     mechanism: &str,
 ) -> Result<Element> {

@@ -4,9 +4,8 @@
 
 use anyhow::{bail, Context, Result};
 use confab_protocol::sasl::{encode_payload, ScramHash};
-use confab_protocol::{ns, Element, ParserLimits, StreamEvent, StreamParser};
+use confab_protocol::{ns, Element, StreamEvent};
 use confab_tests::*;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const SASL_CB: &str = "urn:xsf:sasl-cb:0";
@@ -606,59 +605,16 @@ async fn idle_connection_hits_login_timeout() -> Result<()> {
 
 // ---- STARTTLS command injection (CVE-2011-0411 class) ------------------------------------
 
-/// A minimal stream reader over any transport, for scripts the `Client` cannot express.
-struct Raw<S> {
-    io: S,
-    parser: StreamParser,
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> Raw<S> {
-    fn new(io: S) -> Raw<S> {
-        Raw {
-            io,
-            parser: StreamParser::new(ParserLimits::default()),
-        }
-    }
-
-    async fn send(&mut self, s: &str) -> Result<()> {
-        self.io.write_all(s.as_bytes()).await?;
-        self.io.flush().await?;
-        Ok(())
-    }
-
-    async fn event(&mut self) -> Result<StreamEvent> {
-        let mut buf = vec![0u8; 16384];
-        let deadline = tokio::time::Instant::now() + TIMEOUT;
-        loop {
-            if let Some(ev) = self.parser.next_event()? {
-                return Ok(ev);
-            }
-            let n = tokio::time::timeout_at(deadline, self.io.read(&mut buf)).await??;
-            if n == 0 {
-                bail!("connection closed");
-            }
-            self.parser.feed(&buf[..n]);
-        }
-    }
-
-    async fn element(&mut self) -> Result<Element> {
-        match self.event().await? {
-            StreamEvent::Element(e) => Ok(e),
-            other => bail!("expected an element, got {other:?}"),
-        }
-    }
-}
-
 #[tokio::test]
 async fn bytes_pipelined_after_starttls_are_discarded() -> Result<()> {
     let server = start().await?;
     let mut bob = server.online("bob", "builder", "phone").await?;
     let tcp = tokio::time::timeout(TIMEOUT, TcpStream::connect(server.addr())).await??;
-    let mut raw = Raw::new(tcp);
+    let mut raw = RawStream::new(tcp);
     let open = header(&format!(
         "xmlns='jabber:client' to='{DOMAIN}' version='1.0'"
     ));
-    raw.send(&open).await?;
+    raw.send_str(&open).await?;
     assert!(matches!(raw.event().await?, StreamEvent::Open(_)));
     raw.element().await?; // features
                           // In the same write as <starttls/>: a whole new stream with a PLAIN login (valid
@@ -670,14 +626,14 @@ async fn bytes_pipelined_after_starttls_are_discarded() -> Result<()> {
         ns::SASL,
         encode_payload(b"\0alice\0wonderland"),
     );
-    raw.send(&injected).await?;
+    raw.send_str(&injected).await?;
     let proceed = raw.element().await?;
     assert!(proceed.is("proceed", ns::TLS), "{proceed}");
     let connector = tokio_rustls::TlsConnector::from(server.pki.client_config());
     let name = rustls_pki_types::ServerName::try_from(DOMAIN.to_string())?;
     let tls = tokio::time::timeout(TIMEOUT, connector.connect(name, raw.io)).await??;
-    let mut raw = Raw::new(tls);
-    raw.send(&open).await?;
+    let mut raw = RawStream::new(tls);
+    raw.send_str(&open).await?;
     assert!(matches!(raw.event().await?, StreamEvent::Open(_)));
     let features = raw.element().await?;
     assert!(features.is("features", ns::STREAM), "{features}");
@@ -686,7 +642,7 @@ async fn bytes_pipelined_after_starttls_are_discarded() -> Result<()> {
         features.get_child("mechanisms", ns::SASL).is_some(),
         "injected auth was processed: {features}"
     );
-    raw.send("</stream:stream>").await?;
+    raw.send_str("</stream:stream>").await?;
     match raw.event().await? {
         StreamEvent::Close => {}
         other => bail!("expected the server's close, got {other:?}"),
