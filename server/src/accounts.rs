@@ -123,3 +123,71 @@ pub async fn delete_user(
         Err(e) => Err(e.into()),
     }
 }
+
+/// What `import` did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ImportReport {
+    pub created: usize,
+    pub existed: usize,
+}
+
+/// Creates many accounts: `(line number, JID, password)`. Every line is checked before
+/// anything is written. Key derivation (the slow part) runs on every core, and account
+/// writes run concurrently so that they share flushes.
+pub async fn import(
+    storage: std::sync::Arc<dyn Storage>,
+    domains: &[String],
+    lines: Vec<(usize, String, String)>,
+    iterations: u32,
+) -> Result<ImportReport, ImportError> {
+    let mut accounts = Vec::with_capacity(lines.len());
+    for (line, jid, password) in lines {
+        let a = account_jid(&jid, domains).map_err(|e| ImportError::Line(line, e))?;
+        if password.is_empty() {
+            return Err(ImportError::Line(line, AccountError::EmptyPassword));
+        }
+        accounts.push((a.bare(), password));
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = accounts.len().div_ceil(threads).max(1);
+    let mut derivations = Vec::new();
+    for part in accounts.chunks(chunk) {
+        let part = part.to_vec();
+        derivations.push(tokio::task::spawn_blocking(move || {
+            part.into_iter()
+                .map(|(bare, password)| Ok((bare, derive_credentials(&password, iterations)?)))
+                .collect::<Result<Vec<_>, AccountError>>()
+        }));
+    }
+    let mut report = ImportReport::default();
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
+    let mut writes = tokio::task::JoinSet::new();
+    for d in derivations {
+        let derived = d.await.map_err(|e| ImportError::Task(e.to_string()))??;
+        for (bare, creds) in derived {
+            let (storage, gate) = (storage.clone(), gate.clone());
+            writes.spawn(async move {
+                let _permit = gate.acquire_owned().await;
+                storage.create_account(&bare, creds).await
+            });
+        }
+    }
+    while let Some(r) = writes.join_next().await {
+        match r.map_err(|e| ImportError::Task(e.to_string()))? {
+            Ok(()) => report.created += 1,
+            Err(StorageError::AccountExists) => report.existed += 1,
+            Err(e) => return Err(ImportError::Account(e.into())),
+        }
+    }
+    Ok(report)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("line {0}: {1}")]
+    Line(usize, AccountError),
+    #[error(transparent)]
+    Account(#[from] AccountError),
+    #[error("import task failed: {0}")]
+    Task(String),
+}

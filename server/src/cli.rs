@@ -129,6 +129,10 @@ pub enum UserCommand {
     List { domain: Option<String> },
     /// Show an account: roster size, offline messages waiting, sessions.
     Show { jid: String },
+    /// Create many accounts from stdin, one `JID PASSWORD` per line (a migration, a test
+    /// population). Works on the store, so the server must be stopped. Existing accounts
+    /// are left as they are and counted.
+    Import,
 }
 
 pub fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
@@ -439,6 +443,26 @@ async fn user(config: Config, cmd: UserCommand) -> anyhow::Result<()> {
                 println!("{line}");
             }
             println!("sessions: 0 (the server is not running)");
+        }
+        UserCommand::Import => {
+            let store = open_store(&config)?;
+            let mut lines = Vec::new();
+            for (n, line) in std::io::stdin().lock().lines().enumerate() {
+                let line = line?;
+                let line = line.trim();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                let Some((jid, password)) = line.split_once(char::is_whitespace) else {
+                    bail!("line {}: expected `JID PASSWORD`", n + 1);
+                };
+                lines.push((n + 1, jid.to_string(), password.trim().to_string()));
+            }
+            let report = crate::accounts::import(store, &domains, lines, iterations).await?;
+            println!(
+                "imported {} accounts, {} already existed",
+                report.created, report.existed
+            );
         }
     }
     Ok(())

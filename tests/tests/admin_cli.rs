@@ -561,6 +561,70 @@ async fn completions_and_man_page_come_from_the_command_definitions() -> Result<
     Ok(())
 }
 
+#[tokio::test]
+async fn user_import_creates_accounts_in_bulk_that_can_log_in() -> Result<()> {
+    let pki_dir = tempfile::tempdir()?;
+    let pki = TestPki::create(pki_dir.path(), &[DOMAIN])?;
+    let cert = pki_dir.path().join(format!("{DOMAIN}.pem"));
+    let key = pki_dir.path().join(format!("{DOMAIN}.key"));
+    let s = setup(Some((&cert, &key)))?;
+
+    // A bad line anywhere: nothing is written, the line is named.
+    let out = run(
+        &s,
+        &["user", "import"],
+        &format!("ann@{DOMAIN} one\nbad@elsewhere.example two\n"),
+    )
+    .await?;
+    assert_refused(&out, "line 2");
+    let out = run(&s, &["user", "import"], &format!("ann@{DOMAIN}\n")).await?;
+    assert_refused(&out, "line 1: expected `JID PASSWORD`");
+    let out = run(&s, &["user", "list"], "").await?;
+    assert_ok(&out);
+    assert_eq!(text(&out.stdout), "");
+
+    let input = format!("# accounts\nann@{DOMAIN} first pass\n\nbea@{DOMAIN} second\n");
+    let out = run(&s, &["user", "import"], &input).await?;
+    assert_ok(&out);
+    assert_eq!(
+        text(&out.stdout),
+        "imported 2 accounts, 0 already existed\n"
+    );
+    let out = run(
+        &s,
+        &["user", "import"],
+        &format!("bea@{DOMAIN} other\ncid@{DOMAIN} third\n"),
+    )
+    .await?;
+    assert_ok(&out);
+    assert_eq!(
+        text(&out.stdout),
+        "imported 1 accounts, 1 already existed\n"
+    );
+    let out = run(&s, &["user", "list"], "").await?;
+    assert_eq!(
+        text(&out.stdout),
+        format!("ann@{DOMAIN}\nbea@{DOMAIN}\ncid@{DOMAIN}\n")
+    );
+
+    let Served {
+        mut child,
+        addr,
+        drain: _drain,
+        ..
+    } = spawn_serve(&s.config).await?;
+    // The password is the rest of the line; an existing account kept its own.
+    login(&pki, addr, "ann", "first pass", "a").await?;
+    login(&pki, addr, "bea", "second", "b").await?;
+    assert!(login(&pki, addr, "bea", "other", "b").await.is_err());
+    // The store belongs to the running server.
+    let out = run(&s, &["user", "import"], &format!("dan@{DOMAIN} x\n")).await?;
+    assert_refused(&out, "stop it first");
+    assert_ok(&run(&s, &["stop"], "").await?);
+    tokio::time::timeout(Duration::from_secs(15), child.wait()).await??;
+    Ok(())
+}
+
 async fn login(
     pki: &TestPki,
     addr: std::net::SocketAddr,
