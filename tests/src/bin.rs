@@ -23,7 +23,12 @@ pub struct Served {
 /// Starts `confab --config CONFIG serve` and waits (bounded) until it is running: its
 /// client port is logged and the admin socket is up.
 pub async fn spawn_serve(config: &Path) -> Result<Served> {
-    let mut child = tokio::process::Command::new(confab_bin())
+    spawn_serve_bin(confab_bin(), config).await
+}
+
+/// [`spawn_serve`] with the `confab` binary at `bin`.
+pub async fn spawn_serve_bin(bin: &Path, config: &Path) -> Result<Served> {
+    let mut child = tokio::process::Command::new(bin)
         .arg("--config")
         .arg(config)
         .arg("serve")

@@ -5,6 +5,7 @@
 //! Every wait is an event with a timeout; nothing sleeps for a fixed time.
 
 pub mod bin;
+pub mod crash;
 pub mod dns;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -358,17 +359,20 @@ async fn start_running(config: &Config) -> Result<RunningServer> {
 ///
 /// `CARGO_BIN_EXE_confab` exists only for the binary's own package, so the binary is
 /// found next to the test executable (`target/<profile>/confab`, tests running from
-/// `target/<profile>/deps/`). `cargo test --workspace` builds it; so that
+/// `target/<profile>/deps/`, binaries of this crate such as `confab-crashtest` from
+/// `target/<profile>/`). `cargo test --workspace` builds it; so that
 /// `cargo test -p confab-tests` never runs a stale one, it first asks the cargo that
 /// runs the tests (`$CARGO`) to build it, a no-op when it is up to date.
 pub fn confab_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         let exe = std::env::current_exe().expect("test executable path");
-        let dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("test executable in target/<profile>/deps");
+        let parent = exe.parent().expect("executable in a directory");
+        let dir = if parent.file_name().is_some_and(|n| n == "deps") {
+            parent.parent().expect("target/<profile>/deps")
+        } else {
+            parent
+        };
         let bin = dir.join(format!("confab{}", std::env::consts::EXE_SUFFIX));
         if let Ok(cargo) = std::env::var("CARGO") {
             let release = dir.file_name().is_some_and(|n| n == "release");
