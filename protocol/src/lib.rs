@@ -6,11 +6,13 @@ pub mod element;
 pub mod error;
 pub mod ns;
 pub mod parser;
+pub mod prep;
 pub mod sasl;
 
 pub use element::{Element, Node};
 pub use error::{ErrorType, StanzaError, StanzaErrorCondition, StreamError, StreamErrorCondition};
 pub use parser::{ParserLimits, StreamEvent, StreamHeader, StreamParser, XmlError};
+pub use prep::prepare_jid;
 
 /// JIDs are prepared (RFC 7622 / stringprep profiles) by the `jid` crate of xmpp-rs.
 pub use jid;

@@ -1,11 +1,13 @@
 //! Addresses as the router sees them: prepared parts of a JID.
 //!
-//! Preparation (nodeprep, nameprep, resourceprep) is done by the `jid` crate; this type
-//! only gives the router cheap access to the parts and the bare form.
+//! Preparation (nodeprep, nameprep, resourceprep) is done by the `jid` crate, through
+//! `confab_protocol::prepare_jid` (which applies RFC 7622 §3.2's final-dot rule
+//! consistently); this type only gives the router cheap access to the parts and the
+//! bare form.
 
 use std::fmt;
 
-use confab_protocol::jid::Jid;
+use confab_protocol::prepare_jid;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Addr {
@@ -20,7 +22,7 @@ pub struct JidError(String);
 
 impl Addr {
     pub fn parse(s: &str) -> Result<Addr, JidError> {
-        let jid = Jid::new(s).map_err(|e| JidError(e.to_string()))?;
+        let jid = prepare_jid(s).map_err(|e| JidError(e.to_string()))?;
         Ok(Addr {
             node: jid.node().map(|n| n.as_str().to_string()),
             domain: jid.domain().as_str().to_string(),
