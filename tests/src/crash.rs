@@ -60,6 +60,49 @@ pub struct Options {
     pub max_delay_ms: u64,
     /// Print a line per round.
     pub verbose: bool,
+    /// The kinds of operation the senders make.
+    pub ops: Vec<OpKind>,
+}
+
+/// A kind of operation a sender makes, with its share of the mix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpKind {
+    /// A chat message to an offline recipient, then a ping.
+    Message,
+    /// A roster set.
+    Roster,
+    /// A subscription request to an offline recipient, then a ping.
+    Subscription,
+    /// A private XML set.
+    Private,
+}
+
+impl OpKind {
+    pub const ALL: [OpKind; 4] = [
+        OpKind::Message,
+        OpKind::Roster,
+        OpKind::Subscription,
+        OpKind::Private,
+    ];
+
+    /// Out of 10 when all kinds are on.
+    fn weight(self) -> usize {
+        match self {
+            OpKind::Message => 5,
+            OpKind::Roster => 3,
+            OpKind::Subscription | OpKind::Private => 1,
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<OpKind> {
+        match s {
+            "messages" | "message" => Some(OpKind::Message),
+            "roster" => Some(OpKind::Roster),
+            "subscriptions" | "subscription" => Some(OpKind::Subscription),
+            "private" => Some(OpKind::Private),
+            _ => None,
+        }
+    }
 }
 
 impl Options {
@@ -73,6 +116,7 @@ impl Options {
             min_delay_ms: 50,
             max_delay_ms: 1500,
             verbose: true,
+            ops: OpKind::ALL.to_vec(),
         }
     }
 }
@@ -155,8 +199,8 @@ fn contact(k: usize) -> String {
 struct Register {
     durable: Option<String>,
     in_flight: Vec<String>,
-    /// Acknowledgements since the last verification.
-    acks: usize,
+    /// Values acknowledged since the last verification, in order.
+    acks: Vec<String>,
 }
 
 impl Register {
@@ -166,7 +210,7 @@ impl Register {
     fn acked(&mut self, v: &str) {
         self.durable = Some(v.to_string());
         self.in_flight.clear();
-        self.acks += 1;
+        self.acks.push(v.to_string());
     }
     /// Checks an observed value; returns (verified, lost, unacked_present) and makes the
     /// observation the new baseline.
@@ -183,12 +227,27 @@ impl Register {
             )
         });
         let acks = std::mem::take(&mut self.acks);
+        // When an older acknowledged value came back, the acknowledgements after it are the
+        // ones lost (one, at least: the baseline itself).
+        let lost = match observed
+            .as_ref()
+            .and_then(|o| acks.iter().position(|a| a == o))
+        {
+            Some(at) => acks.len() - at - 1,
+            None => acks.len(),
+        }
+        .max(1);
+        let verified = if ok {
+            acks.len()
+        } else {
+            acks.len().saturating_sub(lost)
+        };
         self.durable = observed;
         self.in_flight.clear();
         if ok {
-            (acks, 0, unacked, None)
+            (verified, 0, unacked, None)
         } else {
-            (0, acks.max(1), 0, problem)
+            (verified, lost, 0, problem)
         }
     }
 }
@@ -343,13 +402,19 @@ async fn sender_loop(
     i: usize,
     round: usize,
     recipients: usize,
+    ops: &[OpKind],
     mut rng: Rng,
     state: Arc<Mutex<State>>,
 ) -> Result<()> {
     let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
+    let table: Vec<OpKind> = ops
+        .iter()
+        .flat_map(|k| std::iter::repeat_n(*k, k.weight()))
+        .collect();
+    anyhow::ensure!(!table.is_empty(), "no operations to make");
     for n in 0.. {
-        let pick = rng.below(10);
-        if pick < 5 {
+        let pick = table[rng.below(table.len())];
+        if pick == OpKind::Message {
             let j = rng.below(recipients);
             let id = format!("m{round}.{i}.{n}");
             {
@@ -367,7 +432,7 @@ async fn sender_loop(
                 }
                 Err(e) => lock().problems.push(format!("message {id} refused: {e}")),
             }
-        } else if pick < 8 {
+        } else if pick == OpKind::Roster {
             let k = rng.below(CONTACTS);
             let name = format!("n{round}.{i}.{n}");
             {
@@ -394,7 +459,7 @@ async fn sender_loop(
                 s.problems
                     .push(format!("roster set {name} refused: {reply}"));
             }
-        } else if pick < 9 {
+        } else if pick == OpKind::Subscription {
             let j = rng.below(recipients);
             let id = format!("p{round}.{i}.{n}");
             {
@@ -605,6 +670,7 @@ pub async fn run(opts: &Options) -> Result<Totals> {
             let addr = served.addr;
             let rng = Rng::new(client_seed ^ (i as u64).wrapping_mul(0x100_0000_01b3));
             let recipients = opts.recipients;
+            let ops = opts.ops.clone();
             tasks.spawn(async move {
                 let c = match login(addr, &pki, &sender(i), "chaos").await {
                     Ok(c) => c,
@@ -616,7 +682,8 @@ pub async fn run(opts: &Options) -> Result<Totals> {
                     }
                 };
                 let _ = ready.send(Ok(())).await;
-                if let Err(e) = sender_loop(c, i, round, recipients, rng, state.clone()).await {
+                if let Err(e) = sender_loop(c, i, round, recipients, &ops, rng, state.clone()).await
+                {
                     if !killed.load(Ordering::SeqCst) {
                         lock(&state).problems.push(format!(
                             "round {round}: sender {i} failed before the kill: {e:#}"

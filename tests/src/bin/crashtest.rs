@@ -5,11 +5,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use confab_tests::crash::{run, Options};
+use confab_tests::crash::{run, OpKind, Options};
 
 const USAGE: &str =
     "usage: confab-crashtest [--rounds N] [--clients N] [--recipients N] [--seed N] \
-[--min-delay MS] [--max-delay MS] [--confab PATH]";
+[--min-delay MS] [--max-delay MS] [--ops messages,roster,subscriptions,private] [--confab PATH]";
 
 fn parse() -> Result<Options, String> {
     let mut opts = Options::new(confab_tests::confab_bin().to_path_buf());
@@ -38,6 +38,12 @@ fn parse() -> Result<Options, String> {
             "--min-delay" => opts.min_delay_ms = number()?,
             "--max-delay" => opts.max_delay_ms = number()?,
             "--confab" => opts.confab = PathBuf::from(&value),
+            "--ops" => {
+                opts.ops = value
+                    .split(',')
+                    .map(|k| OpKind::parse(k).ok_or_else(|| format!("--ops: unknown kind {k}")))
+                    .collect::<Result<_, _>>()?
+            }
             _ => return Err(format!("unknown flag {flag}\n{USAGE}")),
         }
     }
@@ -53,10 +59,11 @@ fn main() -> ExitCode {
         }
     };
     println!(
-        "confab-crashtest: {} rounds, {} senders, {} recipients, kill after {}-{} ms, seed {} (replay with --seed {}), confab {}",
+        "confab-crashtest: {} rounds, {} senders, {} recipients, operations {:?}, kill after {}-{} ms, seed {} (replay with --seed {}), confab {}",
         opts.rounds,
         opts.clients,
         opts.recipients,
+        opts.ops,
         opts.min_delay_ms,
         opts.max_delay_ms,
         opts.seed,
