@@ -7,6 +7,7 @@ pub mod c2s;
 pub mod certs;
 pub mod cli;
 pub mod config;
+pub mod durability;
 pub mod jid;
 pub mod metrics;
 pub mod modules;

@@ -177,6 +177,11 @@ impl Router {
         Some(entry.presence)
     }
 
+    /// Whether the account has a bound resource.
+    pub fn has_resources(&self, bare: &str) -> bool {
+        self.read().get(bare).is_some_and(|l| !l.is_empty())
+    }
+
     pub fn resource_exists(&self, bare: &str, resource: &str) -> bool {
         self.read()
             .get(bare)

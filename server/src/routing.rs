@@ -101,9 +101,15 @@ impl Server {
             return;
         };
         let bare = to.bare();
-        match self.storage.account(&bare).await {
-            Ok(Some(_)) => {}
-            Ok(None) => {
+        // An account with a bound resource exists; only others need the store.
+        let exists = if self.router.has_resources(&bare) {
+            Ok(true)
+        } else {
+            self.storage.account_exists(&bare).await
+        };
+        match exists {
+            Ok(true) => {}
+            Ok(false) => {
                 // RFC 6121 §8.5.1: no such account.
                 match kind {
                     Kind::Presence => {

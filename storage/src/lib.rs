@@ -152,6 +152,10 @@ pub trait AccountStore: Send + Sync {
     /// Fails with [`StorageError::AccountExists`] if the account exists.
     async fn create_account(&self, jid: &str, credentials: Vec<StoredCredential>) -> Result<()>;
     async fn account(&self, jid: &str) -> Result<Option<Account>>;
+    /// Whether the account exists, without decoding it (routing asks this for every stanza to a user).
+    async fn account_exists(&self, jid: &str) -> Result<bool> {
+        Ok(self.account(jid).await?.is_some())
+    }
     /// Fails with [`StorageError::NoSuchAccount`].
     async fn set_credentials(&self, jid: &str, credentials: Vec<StoredCredential>) -> Result<()>;
     /// Fails with [`StorageError::NoSuchAccount`]. Also removes that user's roster, roster version, offline
@@ -185,6 +189,30 @@ pub trait OfflineStore: Send + Sync {
     /// Removes every queued stanza with a sequence number `<= up_to_seq`.
     async fn remove_offline(&self, owner: &str, up_to_seq: u64) -> Result<()>;
     async fn offline_count(&self, owner: &str) -> Result<usize>;
+    /// Like [`push_offline`](Self::push_offline), but may return before the write is durable: the caller
+    /// must pass the returned point to [`Storage::sync`] before it tells anyone of the write. A client
+    /// stream uses this to make a batch of pipelined messages durable with one flush, before it answers
+    /// anything later on that stream.
+    async fn push_offline_unsynced(
+        &self,
+        owner: &str,
+        stanza: Vec<u8>,
+        max: usize,
+    ) -> Result<(u64, SyncPoint)> {
+        Ok((
+            self.push_offline(owner, stanza, max).await?,
+            SyncPoint::DURABLE,
+        ))
+    }
+}
+
+/// A position in a store's write history: the writes that had completed when it was taken.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SyncPoint(pub u64);
+
+impl SyncPoint {
+    /// Nothing to wait for.
+    pub const DURABLE: SyncPoint = SyncPoint(0);
 }
 
 /// Small per-user records keyed by a string: vCard, private XML (XEP-0049), pending inbound subscription
@@ -275,6 +303,11 @@ pub trait Storage:
     /// Makes every write that has returned so far durable (they already are for the sled backend; this is for
     /// shutdown paths and backends that buffer).
     async fn flush(&self) -> Result<()>;
+    /// Returns once every write up to `point` is durable (at once for a point already covered).
+    async fn sync(&self, point: SyncPoint) -> Result<()> {
+        let _ = point;
+        Ok(())
+    }
     /// Bytes used on disk, if the backend knows.
     fn size_on_disk(&self) -> Option<u64> {
         None

@@ -13,6 +13,7 @@ use confab_protocol::{
     ns, Element, ParserLimits, StanzaErrorCondition, StreamError, StreamErrorCondition as SErr,
     StreamEvent, StreamParser,
 };
+use confab_storage::SyncPoint;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -68,6 +69,9 @@ struct C2sStream {
     /// The authenticated account's bare JID.
     authenticated: Option<String>,
     auth_failures: u32,
+    /// Writes of this client's stanzas that must be durable before we write anything
+    /// more to it (crate::durability).
+    unsynced: SyncPoint,
 }
 
 /// Serves one connection to its end.
@@ -107,6 +111,7 @@ pub(super) async fn run(server: Arc<Server>, tcp: TcpStream, peer: SocketAddr, d
         domain: None,
         authenticated: None,
         auth_failures: 0,
+        unsynced: SyncPoint::DURABLE,
     };
     let login_timeout = Duration::from_secs(server.config().limits.login_timeout_secs);
     // A stream still negotiating is closed at shutdown too (DESIGN: every stream gets
@@ -162,6 +167,15 @@ impl C2sStream {
     }
 
     async fn write_bytes(&mut self, data: &[u8]) -> Result<(), End> {
+        if self.unsynced != SyncPoint::DURABLE {
+            let point = std::mem::replace(&mut self.unsynced, SyncPoint::DURABLE);
+            if let Err(e) = self.server.storage.sync(point).await {
+                // What the client sent may not be stored: it must not hear anything that
+                // would let it believe so.
+                tracing::error!(error = %e, "storage flush failed; closing the stream");
+                return Err(End::error(SErr::InternalServerError, "storage failure"));
+            }
+        }
         let conn = &mut self.conn;
         let write = async {
             conn.write_all(data).await?;
@@ -890,7 +904,9 @@ impl C2sStream {
             }
         }
         e.set_attr("from", handle.full_jid());
-        self.server.handle_client_stanza(handle, e).await;
+        let ((), point) =
+            crate::durability::deferring(self.server.handle_client_stanza(handle, e)).await;
+        self.unsynced = self.unsynced.max(point);
         Ok(())
     }
 }

@@ -53,7 +53,25 @@ pub async fn store(server: &Arc<Server>, owner: &str, message: Element) {
     );
     let bytes = stamped.to_xml("").into_bytes();
     let max = server.config().limits.max_offline_messages;
-    match server.storage.push_offline(owner, bytes, max).await {
+    // From a client stream, the flush is left to the stream, which makes the message
+    // durable before it answers anything later (crate::durability); from elsewhere
+    // (server-to-server links) it is waited for here.
+    let stored = if crate::durability::can_defer() {
+        match server
+            .storage
+            .push_offline_unsynced(owner, bytes, max)
+            .await
+        {
+            Ok((seq, point)) => {
+                crate::durability::defer(point);
+                Ok(seq)
+            }
+            Err(e) => Err(e),
+        }
+    } else {
+        server.storage.push_offline(owner, bytes, max).await
+    };
+    match stored {
         Ok(_) => server.stats.offline_stored(),
         Err(StorageError::QueueFull) => {
             server.send_error_text(
