@@ -7,6 +7,13 @@
 //! and computes the part offsets from the stripped lengths: `s./x` yields the
 //! domain `s` and the resource `/x`, and `u@example.com.` keeps the domain
 //! `example.com.`, which is not our domain. Found by the `jid` fuzz target.
+//!
+//! Preparation is also not always idempotent: the stringprep crate accepts
+//! code points unassigned in Unicode 3.2 (RFC 3454 §7 leaves that to "query"
+//! strings) and its tables then miss some mappings, so `ᴲ` (U+1D32) becomes
+//! `Ǝ` (NFKC) on the first pass and `ǝ` (case folding) on the second. A JID we
+//! stored or forwarded would then compare unequal to itself after a reparse, so
+//! preparation is repeated until it is stable. Also found by the fuzz target.
 
 use jid::{Error, Jid};
 
@@ -14,6 +21,31 @@ use jid::{Error, Jid};
 /// the parts are taken (RFC 7622 §3.2); a domainpart that still ends with a dot
 /// after that (an empty label, as in `example.com..`) is refused.
 pub fn prepare_jid(s: &str) -> Result<Jid, Error> {
+    let mut jid = prepare_once(s)?;
+    // Each extra pass can only apply a mapping the previous one missed; real
+    // strings are stable after one or two.
+    for _ in 0..MAX_PASSES {
+        let again = prepare_once(jid.as_str())?;
+        if again == jid {
+            return Ok(jid);
+        }
+        jid = again;
+    }
+    // Not stable: refuse it, naming the part that kept changing.
+    let again = prepare_once(jid.as_str())?;
+    Err(if again.node() != jid.node() {
+        Error::NodePrep
+    } else if again.domain() != jid.domain() {
+        Error::NamePrep
+    } else {
+        Error::ResourcePrep
+    })
+}
+
+/// Passes after the first before a JID that keeps changing is refused.
+const MAX_PASSES: usize = 4;
+
+fn prepare_once(s: &str) -> Result<Jid, Error> {
     // RFC 7622 §3.1: the first '/' ends the bare JID, whose first '@' ends the
     // localpart.
     let bare_end = s.find('/').unwrap_or(s.len());
@@ -90,6 +122,17 @@ mod tests {
         assert!(prepare_jid("juliet@example.com..").is_err());
         assert!(prepare_jid("example.com../r").is_err());
         assert!(prepare_jid(".").is_err());
+    }
+
+    // Regression: fuzz/artifacts/jid/crash-8412fd7a ("ᛃᛃᴲẲ'v" prepared to
+    // "ᛃᛃƎẳ'v", which prepared again to "ᛃᛃǝẳ'v").
+    #[test]
+    fn preparation_is_idempotent() {
+        for s in ["ᛃᛃᴲẲ'v", "u@ᴲ.example", "ᴲ@example.com/ᴲ"] {
+            let jid = prepare_jid(s).unwrap();
+            assert_eq!(prepare_jid(jid.as_str()).unwrap(), jid, "{s}");
+        }
+        assert_eq!(prepare_jid("ᛃᛃᴲẲ'v").unwrap().as_str(), "ᛃᛃǝẳ'v");
     }
 
     #[test]
