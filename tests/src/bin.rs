@@ -118,3 +118,42 @@ pub fn assert_refused(out: &Output, needle: &str) {
         "one-line reason expected: {err}"
     );
 }
+
+/// Writes `config` for a `confab serve` of [`crate::DOMAIN`] on loopback port 0 (clients
+/// and s2s), with its data in `data` and the domain's certificate `DOMAIN.pem`/`.key` from
+/// `pki_dir`. `top` holds extra top-level keys, `tables` extra tables after the rest.
+pub fn write_loopback_config(
+    config: &Path,
+    data: &Path,
+    pki_dir: &Path,
+    top: &str,
+    tables: &str,
+) -> Result<()> {
+    let domain = crate::DOMAIN;
+    let toml = format!(
+        r#"domains = ["{domain}"]
+data_dir = "{data}"
+log_level = "info"
+{top}
+[c2s]
+listen = ["127.0.0.1:0"]
+tls_listen = []
+
+[s2s]
+listen = ["127.0.0.1:0"]
+tls_listen = []
+
+[auth]
+scram_iterations = 4096
+
+[tls."{domain}"]
+cert = "{cert}"
+key = "{key}"
+{tables}"#,
+        data = data.display(),
+        cert = pki_dir.join(format!("{domain}.pem")).display(),
+        key = pki_dir.join(format!("{domain}.key")).display(),
+    );
+    std::fs::write(config, toml)?;
+    Ok(())
+}

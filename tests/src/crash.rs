@@ -283,35 +283,14 @@ struct Setup {
 }
 
 fn write_config(dir: &Path) -> Result<PathBuf> {
-    let toml = format!(
-        r#"domains = ["{DOMAIN}"]
-data_dir = "{data}"
-log_level = "info"
-
-[c2s]
-listen = ["127.0.0.1:0"]
-tls_listen = []
-
-[s2s]
-listen = ["127.0.0.1:0"]
-tls_listen = []
-
-[auth]
-scram_iterations = 4096
-
-[limits]
-max_offline_messages = 1000000
-
-[tls."{DOMAIN}"]
-cert = "{cert}"
-key = "{key}"
-"#,
-        data = dir.join("data").display(),
-        cert = dir.join(format!("{DOMAIN}.pem")).display(),
-        key = dir.join(format!("{DOMAIN}.key")).display(),
-    );
     let config = dir.join("confab.toml");
-    std::fs::write(&config, toml)?;
+    crate::bin::write_loopback_config(
+        &config,
+        &dir.join("data"),
+        dir,
+        "",
+        "\n[limits]\nmax_offline_messages = 1000000\n",
+    )?;
     Ok(config)
 }
 

@@ -40,32 +40,8 @@ impl Setup {
     /// A configuration `NAME.toml` whose data directory is `NAME-data`.
     fn config(&self, name: &str) -> anyhow::Result<PathBuf> {
         let p = self.dir.path();
-        let toml = format!(
-            r#"domains = ["{DOMAIN}"]
-data_dir = "{data}"
-log_level = "info"
-
-[c2s]
-listen = ["127.0.0.1:0"]
-tls_listen = []
-
-[s2s]
-listen = ["127.0.0.1:0"]
-tls_listen = []
-
-[auth]
-scram_iterations = 4096
-
-[tls."{DOMAIN}"]
-cert = "{cert}"
-key = "{key}"
-"#,
-            data = p.join(format!("{name}-data")).display(),
-            cert = p.join(format!("{DOMAIN}.pem")).display(),
-            key = p.join(format!("{DOMAIN}.key")).display(),
-        );
         let config = p.join(format!("{name}.toml"));
-        std::fs::write(&config, toml)?;
+        write_loopback_config(&config, &p.join(format!("{name}-data")), p, "", "")?;
         Ok(config)
     }
 }

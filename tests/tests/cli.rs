@@ -22,32 +22,8 @@ fn setup(extra: &str) -> anyhow::Result<Setup> {
     let dir = tempfile::tempdir()?;
     let pki = TestPki::create(dir.path(), &[DOMAIN])?;
     let p = dir.path();
-    let toml = format!(
-        r#"domains = ["{DOMAIN}"]
-data_dir = "{data}"
-log_level = "info"
-{extra}
-[c2s]
-listen = ["127.0.0.1:0"]
-tls_listen = []
-
-[s2s]
-listen = ["127.0.0.1:0"]
-tls_listen = []
-
-[auth]
-scram_iterations = 4096
-
-[tls."{DOMAIN}"]
-cert = "{cert}"
-key = "{key}"
-"#,
-        data = p.join("data").display(),
-        cert = p.join(format!("{DOMAIN}.pem")).display(),
-        key = p.join(format!("{DOMAIN}.key")).display(),
-    );
     let config = p.join("confab.toml");
-    std::fs::write(&config, toml)?;
+    write_loopback_config(&config, &p.join("data"), p, extra, "")?;
     Ok(Setup { dir, config, pki })
 }
 
