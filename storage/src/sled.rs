@@ -509,10 +509,7 @@ impl OfflineStore for SledStorage {
 
     async fn offline_count(&self, owner: &str) -> Result<usize> {
         check_owner(owner)?;
-        let count = match self.offline_meta.get(owner.as_bytes()).map_err(backend)? {
-            Some(v) => codec::decode_offline_meta(&v)?.count,
-            None => 0,
-        };
+        let count = self.offline_meta_of(owner)?.count;
         usize::try_from(count).map_err(|_| StorageError::Corrupt(format!("offline count {count}")))
     }
 }
