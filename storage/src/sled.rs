@@ -118,10 +118,34 @@ impl std::fmt::Debug for SledStorage {
     }
 }
 
+fn is_lock_error(msg: &str) -> bool {
+    msg.contains("could not acquire lock")
+}
+
+/// How long [`SledStorage::open`] waits for a handle just dropped in this process to let go of its lock.
+const LOCK_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Opens the sled database. When a handle on the same directory was dropped a moment ago, sled's
+/// background I/O threads can still hold its file lock for a little while (they own a reference to the
+/// log file until their last write or truncation returns), so a lock failure is retried for up to
+/// [`LOCK_GRACE`]; a directory held by a live handle or another process still fails after that.
+fn open_db(path: &Path) -> std::result::Result<::sled::Db, ::sled::Error> {
+    let deadline = std::time::Instant::now() + LOCK_GRACE;
+    loop {
+        match ::sled::Config::new().path(path).open() {
+            Err(e) if is_lock_error(&e.to_string()) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
 impl SledStorage {
     /// Opens (creating if needed) the database in directory `path`. sled takes an exclusive lock on it, so
     /// a second open of the same directory, from this process or another, fails with
-    /// [`StorageError::Backend`] until the first handle is dropped.
+    /// [`StorageError::Backend`] (after a grace period of a few seconds, see [`open_db`]) until the first
+    /// handle is dropped.
     pub fn open(path: &Path) -> Result<Self> {
         std::fs::create_dir_all(path).map_err(|e| {
             backend(format_args!(
@@ -129,9 +153,9 @@ impl SledStorage {
                 path.display()
             ))
         })?;
-        let db = ::sled::Config::new().path(path).open().map_err(|e| {
+        let db = open_db(path).map_err(|e| {
             let msg = e.to_string();
-            if msg.contains("could not acquire lock") {
+            if is_lock_error(&msg) {
                 backend(format_args!(
                     "database {} is already open (by another process, such as a running confab server, or \
                      another handle in this process): {msg}",
