@@ -157,3 +157,42 @@ key = "{key}"
     std::fs::write(config, toml)?;
     Ok(())
 }
+
+/// The resident memory of a process, from `/proc/PID/status` (Linux), in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rss {
+    /// `VmRSS`: resident now.
+    pub now: u64,
+    /// `VmHWM`: the most ever resident, since the start or the last [`reset_peak_rss`].
+    pub peak: u64,
+}
+
+/// Reads [`Rss`] of the process `pid`.
+pub fn rss_of(pid: u32) -> Result<Rss> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> Result<u64> {
+        let line = status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .ok_or_else(|| anyhow!("no {name} in /proc/{pid}/status"))?;
+        // "VmRSS:\t   12345 kB"
+        let kb: u64 = line
+            .trim_start_matches(':')
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()?;
+        Ok(kb * 1024)
+    };
+    Ok(Rss {
+        now: field("VmRSS")?,
+        peak: field("VmHWM")?,
+    })
+}
+
+/// Resets the peak (`VmHWM`) of the process `pid` to what is resident now, so that a later
+/// [`rss_of`] shows the peak of what happened in between.
+pub fn reset_peak_rss(pid: u32) -> Result<()> {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5")?;
+    Ok(())
+}
