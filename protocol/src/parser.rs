@@ -502,6 +502,17 @@ impl StreamParser {
         self.buf.extend_from_slice(data);
     }
 
+    /// Frees the input buffer when everything in it has been consumed, so a stream waiting for
+    /// input holds no memory for it; the next [`Self::feed`] allocates again.
+    pub fn release_buffer(&mut self) {
+        if self.head == self.buf.len() && self.buf.capacity() > 0 {
+            self.pos -= self.head;
+            self.mark = self.mark.saturating_sub(self.head);
+            self.head = 0;
+            self.buf = Vec::new();
+        }
+    }
+
     /// Bytes received but not yet consumed by an event.
     pub fn buffered(&self) -> usize {
         self.buf.len() - self.head
@@ -1393,6 +1404,37 @@ mod tests {
         p.feed(b"<message/>");
         assert_eq!(p.next_event(), Ok(None));
         assert_eq!(p.buffered(), 0);
+    }
+
+    #[test]
+    fn released_buffer_keeps_a_partial_stanza_and_frees_a_consumed_one() {
+        let mut p = StreamParser::new(ParserLimits::default());
+        p.feed(HEAD.as_bytes());
+        assert!(matches!(p.next_event(), Ok(Some(StreamEvent::Open(_)))));
+        for round in 0..3 {
+            // Half a stanza: nothing to release.
+            p.feed(b"<message id='a'><body>hel");
+            assert_eq!(p.next_event(), Ok(None));
+            p.release_buffer();
+            assert!(p.buffered() > 0);
+            p.feed(b"lo</body></message><iq");
+            let Ok(Some(StreamEvent::Element(e))) = p.next_event() else {
+                panic!("no message in round {round}");
+            };
+            assert_eq!(
+                e.get_child("body", e.ns()).map(|b| b.text()).as_deref(),
+                Some("hello")
+            );
+            p.feed(b" type='get' id='p'/>");
+            assert!(matches!(p.next_event(), Ok(Some(StreamEvent::Element(_)))));
+            assert_eq!(p.next_event(), Ok(None));
+            // All consumed: the buffer goes.
+            p.release_buffer();
+            assert_eq!(p.buffered(), 0);
+            assert_eq!(p.buf.capacity(), 0);
+        }
+        p.feed(b"</stream:stream>");
+        assert_eq!(p.next_event(), Ok(Some(StreamEvent::Close)));
     }
 
     #[test]

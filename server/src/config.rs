@@ -137,6 +137,9 @@ pub struct Limits {
     /// Failed logins one address may make within a minute, across connections; then
     /// its logins are refused until older failures leave the window. 0: no limit.
     pub auth_failures_per_minute: u32,
+    /// Bytes per second one client connection may send; a faster sender's reads are paused
+    /// (bursts up to `max_stanza_size` or one second's worth pass at once). 0: no limit.
+    pub client_read_rate: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -214,6 +217,7 @@ impl Default for Limits {
             max_offline_messages: 1000,
             login_timeout_secs: 60,
             auth_failures_per_minute: 10,
+            client_read_rate: 1024 * 1024,
         }
     }
 }

@@ -42,7 +42,8 @@ pub struct SessionHandle {
     /// The bare JID `user@domain`.
     pub bare: String,
     pub resource: String,
-    tx: mpsc::Sender<ToSession>,
+    /// Boxed, so the queue's slots (allocated in blocks when the session starts) stay small.
+    tx: mpsc::Sender<Box<ToSession>>,
     kill: watch::Sender<Option<StreamError>>,
 }
 
@@ -53,7 +54,7 @@ impl SessionHandle {
 
     /// Queues a stanza; a full queue disconnects the session (slow reader).
     pub fn send(&self, stanza: Element) -> bool {
-        match self.tx.try_send(ToSession::Stanza(stanza)) {
+        match self.tx.try_send(Box::new(ToSession::Stanza(stanza))) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::warn!(jid = %self.full_jid(), "outbound queue full, disconnecting slow reader");
@@ -70,7 +71,7 @@ impl SessionHandle {
     /// Queues stored offline messages (see [`ToSession::Offline`]).
     pub fn send_offline(&self, stanzas: Vec<Element>, up_to: u64) -> bool {
         self.tx
-            .try_send(ToSession::Offline { stanzas, up_to })
+            .try_send(Box::new(ToSession::Offline { stanzas, up_to }))
             .is_ok()
     }
 
@@ -82,7 +83,7 @@ impl SessionHandle {
 
 /// The receiving side, owned by the session task.
 pub struct SessionReceiver {
-    pub rx: mpsc::Receiver<ToSession>,
+    pub rx: mpsc::Receiver<Box<ToSession>>,
     pub kill: watch::Receiver<Option<StreamError>>,
 }
 

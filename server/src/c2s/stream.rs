@@ -1,8 +1,11 @@
 //! One client stream from TCP accept to close: STARTTLS, SASL, resource binding, then
 //! stanzas in both directions (RFC 6120 §4–§7).
 
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use confab_protocol::sasl::{
@@ -14,7 +17,7 @@ use confab_protocol::{
     StreamEvent, StreamParser,
 };
 use confab_storage::SyncPoint;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::sasl::{channel_binding_element, failure, mechanisms, mechanisms_element};
@@ -30,6 +33,8 @@ use crate::stanza;
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest read from a connection. The buffer is on the stack of the task reading, only while
+/// data is there to read: an idle connection holds no read buffer.
 const READ_BUFFER: usize = 16 * 1024;
 /// Stanzas written in one batch before the socket is flushed.
 const WRITE_BATCH: usize = 64;
@@ -62,8 +67,7 @@ struct C2sStream {
     conn: Conn,
     peer: SocketAddr,
     parser: StreamParser,
-    buf: Vec<u8>,
-    out: Vec<u8>,
+    throttle: Option<Throttle>,
     header_sent: bool,
     domain: Option<String>,
     /// The authenticated account's bare JID.
@@ -80,7 +84,8 @@ pub(super) async fn run(server: Arc<Server>, tcp: TcpStream, peer: SocketAddr, d
     // happens at any point of the connection's life (even before this task ran) is seen.
     let mut shutdown = server.shutdown_signal();
     let conn = if direct_tls {
-        let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, server.tls.accept(tcp));
+        let handshake =
+            tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, Box::pin(server.tls.accept(tcp)));
         let accepted = tokio::select! {
             r = handshake => r,
             _ = shutdown.wait_for(|down| *down) => return,
@@ -105,8 +110,10 @@ pub(super) async fn run(server: Arc<Server>, tcp: TcpStream, peer: SocketAddr, d
         conn,
         peer,
         parser: StreamParser::new(limits),
-        buf: vec![0; READ_BUFFER],
-        out: Vec::with_capacity(4096),
+        throttle: Throttle::new(
+            server.config().limits.client_read_rate,
+            server.config().limits.max_stanza_size,
+        ),
         header_sent: false,
         domain: None,
         authenticated: None,
@@ -117,12 +124,12 @@ pub(super) async fn run(server: Arc<Server>, tcp: TcpStream, peer: SocketAddr, d
     // A stream still negotiating is closed at shutdown too (DESIGN: every stream gets
     // system-shutdown), not left to hold the server's state until its login timeout.
     let negotiated = tokio::select! {
-        r = tokio::time::timeout(login_timeout, s.negotiate()) => Some(r),
+        r = tokio::time::timeout(login_timeout, Box::pin(s.negotiate())) => Some(r),
         _ = shutdown.wait_for(|down| *down) => None,
     };
     let bound = match negotiated {
         Some(Ok(Ok(b))) => b,
-        Some(Ok(Err(end))) => return s.finish(end).await,
+        Some(Ok(Err(end))) => return Box::pin(s.finish(end)).await,
         Some(Err(_)) => {
             return s
                 .finish(End::error(SErr::ConnectionTimeout, "no login in time"))
@@ -138,10 +145,10 @@ pub(super) async fn run(server: Arc<Server>, tcp: TcpStream, peer: SocketAddr, d
     tracing::info!(jid = %handle.full_jid(), peer = %s.peer, tls = s.conn.is_tls(), "session started");
     let end = s.session(&handle, receiver, shutdown).await;
     if let Some(state) = server.router.unbind(&handle) {
-        presence::session_ended(&server, &handle, state).await;
+        Box::pin(presence::session_ended(&server, &handle, state)).await;
     }
     tracing::info!(jid = %handle.full_jid(), "session ended");
-    s.finish(end).await;
+    Box::pin(s.finish(end)).await;
 }
 
 impl C2sStream {
@@ -158,11 +165,12 @@ impl C2sStream {
                     ))
                 }
             }
-            let n = self.conn.read(&mut self.buf).await.map_err(|_| End::Eof)?;
-            let Some(chunk) = self.buf.get(..n).filter(|c| !c.is_empty()) else {
+            let n = read_some(&mut self.conn, &mut self.parser, &mut self.throttle)
+                .await
+                .map_err(|_| End::Eof)?;
+            if n == 0 {
                 return Err(End::Eof);
-            };
-            self.parser.feed(chunk);
+            }
         }
     }
 
@@ -188,12 +196,11 @@ impl C2sStream {
     }
 
     async fn write_element(&mut self, e: &Element) -> Result<(), End> {
-        let mut out = std::mem::take(&mut self.out);
-        out.clear();
+        // Serialized into a buffer of its own, freed again once written: an idle connection
+        // keeps no output buffer.
+        let mut out = Vec::new();
         e.write_to(&mut out, ns::CLIENT);
-        let r = self.write_bytes(&out).await;
-        self.out = out;
-        r
+        self.write_bytes(&out).await
     }
 
     /// Writes a child of the stream in the stream namespace with the `stream:` prefix,
@@ -771,7 +778,7 @@ impl C2sStream {
         enum Wake {
             Shutdown,
             Killed,
-            Queue(Option<ToSession>),
+            Queue(Option<Box<ToSession>>),
             Read(std::io::Result<usize>),
         }
         loop {
@@ -795,11 +802,14 @@ impl C2sStream {
                     }
                 }
             }
+            // Everything read so far is handled: while it waits, the session holds no input
+            // buffer.
+            self.parser.release_buffer();
             let wake = tokio::select! {
                 _ = shutdown.wait_for(|down| *down) => Wake::Shutdown,
                 _ = receiver.kill.changed() => Wake::Killed,
                 m = receiver.rx.recv() => Wake::Queue(m),
-                r = self.conn.read(&mut self.buf) => Wake::Read(r),
+                r = read_some(&mut self.conn, &mut self.parser, &mut self.throttle) => Wake::Read(r),
             };
             match wake {
                 Wake::Shutdown => return End::Stream(StreamError::new(SErr::SystemShutdown)),
@@ -811,17 +821,12 @@ impl C2sStream {
                 }
                 Wake::Queue(None) => return End::Eof,
                 Wake::Queue(Some(first)) => {
-                    if let Err(end) = self.deliver(handle, first, &mut receiver).await {
+                    if let Err(end) = Box::pin(self.deliver(handle, first, &mut receiver)).await {
                         return end;
                     }
                 }
                 Wake::Read(Ok(0)) | Wake::Read(Err(_)) => return End::Eof,
-                Wake::Read(Ok(n)) => {
-                    let Some(chunk) = self.buf.get(..n) else {
-                        return End::Eof;
-                    };
-                    self.parser.feed(chunk);
-                }
+                Wake::Read(Ok(_)) => {}
             }
         }
     }
@@ -831,16 +836,15 @@ impl C2sStream {
     async fn deliver(
         &mut self,
         handle: &SessionHandle,
-        first: ToSession,
+        first: Box<ToSession>,
         receiver: &mut SessionReceiver,
     ) -> Result<(), End> {
-        let mut out = std::mem::take(&mut self.out);
-        out.clear();
+        let mut out = Vec::new();
         let mut offline_up_to = None;
         let mut next = Some(first);
         let mut count = 0;
         while let Some(item) = next.take() {
-            match item {
+            match *item {
                 ToSession::Stanza(e) => {
                     self.server.stats.element_out(&e);
                     e.write_to(&mut out, ns::CLIENT);
@@ -871,7 +875,7 @@ impl C2sStream {
                 Err(End::Eof)
             }
         };
-        self.out = out;
+        drop(out);
         r?;
         if let Some(up_to) = offline_up_to {
             if let Err(e) = self
@@ -905,9 +909,93 @@ impl C2sStream {
         }
         e.set_attr("from", handle.full_jid());
         let ((), point) =
-            crate::durability::deferring(self.server.handle_client_stanza(handle, e)).await;
+            crate::durability::deferring(Box::pin(self.server.handle_client_stanza(handle, e)))
+                .await;
         self.unsynced = self.unsynced.max(point);
         Ok(())
+    }
+}
+
+/// Reads what the connection has (at most [`READ_BUFFER`] bytes) into the parser; `Ok(0)` at
+/// the end of the stream. The read waits first while the connection is over its rate
+/// (`limits.client_read_rate`): reading nothing is how a flood is paused, as TCP then holds
+/// the sender back. Cancelling it loses nothing: bytes are taken from the connection only in
+/// the poll that hands them to the parser.
+async fn read_some(
+    conn: &mut Conn,
+    parser: &mut StreamParser,
+    throttle: &mut Option<Throttle>,
+) -> std::io::Result<usize> {
+    if let Some(t) = throttle.as_mut() {
+        t.wait().await;
+    }
+    let n = std::future::poll_fn(|cx| {
+        let mut space = [MaybeUninit::<u8>::uninit(); READ_BUFFER];
+        let mut rb = ReadBuf::uninit(&mut space);
+        match Pin::new(&mut *conn).poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) => {
+                parser.feed(rb.filled());
+                Poll::Ready(Ok(rb.filled().len()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await?;
+    if let Some(t) = throttle.as_mut() {
+        t.spend(n);
+    }
+    Ok(n)
+}
+
+/// A token bucket over the bytes one connection sends.
+struct Throttle {
+    /// Bytes per second.
+    rate: f64,
+    /// Most bytes that may be read at once after a pause.
+    burst: f64,
+    /// Bytes that may be read now; below zero after a read larger than the allowance.
+    tokens: f64,
+    last: tokio::time::Instant,
+}
+
+impl Throttle {
+    /// `None` for rate 0 (no limit).
+    fn new(rate: u64, max_stanza: usize) -> Option<Throttle> {
+        if rate == 0 {
+            return None;
+        }
+        let rate = rate as f64;
+        let burst = rate.max(max_stanza as f64);
+        Some(Throttle {
+            rate,
+            burst,
+            tokens: burst,
+            last: tokio::time::Instant::now(),
+        })
+    }
+
+    fn refill(&mut self) {
+        let now = tokio::time::Instant::now();
+        let gained = now.saturating_duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + gained).min(self.burst);
+        self.last = now;
+    }
+
+    /// Returns once something may be read.
+    async fn wait(&mut self) {
+        self.refill();
+        if self.tokens > 0.0 {
+            return;
+        }
+        // Long enough for the allowance to be positive again.
+        let secs = (-self.tokens + 1.0) / self.rate;
+        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+        self.refill();
+    }
+
+    fn spend(&mut self, n: usize) {
+        self.tokens -= n as f64;
     }
 }
 
