@@ -908,10 +908,15 @@ impl C2sStream {
             }
         }
         e.set_attr("from", handle.full_jid());
-        let ((), point) =
+        let ((), outcome) =
             crate::durability::deferring(Box::pin(self.server.handle_client_stanza(handle, e)))
                 .await;
-        self.unsynced = self.unsynced.max(point);
+        self.unsynced = self.unsynced.max(outcome.point);
+        if outcome.failed {
+            // A write this stanza caused failed, and nothing said so: whatever the stream
+            // sent next would vouch for it (docs/durability.md).
+            return Err(End::error(SErr::InternalServerError, "storage failure"));
+        }
         Ok(())
     }
 }

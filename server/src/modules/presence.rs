@@ -265,12 +265,14 @@ pub async fn clear_pending_in(server: &Arc<Server>, owner: &str, contact: &str) 
         .await
     {
         tracing::error!(error = %e, "clearing a pending subscription failed");
+        crate::durability::failed();
     }
 }
 
 async fn save(server: &Arc<Server>, owner: &str, item: RosterItem) {
     if let Err(e) = roster::save_and_push(server, owner, item).await {
         tracing::error!(error = %e, "roster update failed");
+        crate::durability::failed();
     }
 }
 
@@ -523,6 +525,7 @@ async fn inbound_subscription(
                 .await
             {
                 tracing::error!(error = %e, "storing a subscription request failed");
+                crate::durability::failed();
             }
             deliver_to_available(server, owner, &stanza);
         }
