@@ -355,8 +355,12 @@ pub async fn chat(t: &TargetArgs, target: Target, a: ChatArgs) -> Result<()> {
             let mut buf = Vec::with_capacity(64 * 1024);
             let started = Instant::now();
             let mut count = 0u64;
-            let mut tick = tokio::time::interval(Duration::from_millis(1));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            // Open loop only: a tick each millisecond sends what is due by then.
+            let mut tick = rate.map(|_| {
+                let mut t = tokio::time::interval(Duration::from_millis(1));
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                t
+            });
             loop {
                 let n = match rate {
                     None => {
@@ -378,6 +382,7 @@ pub async fn chat(t: &TargetArgs, target: Target, a: ChatArgs) -> Result<()> {
                         n
                     }
                     Some(per_sec) => {
+                        let Some(tick) = tick.as_mut() else { break };
                         if tokio::time::timeout_at(end.into(), tick.tick())
                             .await
                             .is_err()
