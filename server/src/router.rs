@@ -34,9 +34,14 @@ pub struct SessionInfo {
     pub since: std::time::SystemTime,
 }
 
-/// A handle to one bound resource.
+/// A handle to one bound resource; cloning it (as routing does for every stanza) costs a
+/// reference count, not copies of its JID strings and channels.
 #[derive(Clone, Debug)]
-pub struct SessionHandle {
+pub struct SessionHandle(Arc<SessionData>);
+
+/// What a [`SessionHandle`] refers to.
+#[derive(Debug)]
+pub struct SessionData {
     pub id: u64,
     pub info: Arc<SessionInfo>,
     /// The bare JID `user@domain`.
@@ -45,6 +50,13 @@ pub struct SessionHandle {
     /// Boxed, so the queue's slots (allocated in blocks when the session starts) stay small.
     tx: mpsc::Sender<Box<ToSession>>,
     kill: watch::Sender<Option<StreamError>>,
+}
+
+impl std::ops::Deref for SessionHandle {
+    type Target = SessionData;
+    fn deref(&self) -> &SessionData {
+        &self.0
+    }
 }
 
 impl SessionHandle {
@@ -103,14 +115,19 @@ pub struct PresenceState {
 
 struct Entry {
     handle: SessionHandle,
-    presence: PresenceState,
+    /// Shared with the snapshots handed out; an update copies it only while one is alive.
+    presence: Arc<PresenceState>,
 }
 
 /// A snapshot of one resource, for routing decisions.
 #[derive(Clone, Debug)]
 pub struct ResourceInfo {
     pub handle: SessionHandle,
-    pub presence: PresenceState,
+    pub presence: Arc<PresenceState>,
+}
+
+fn unshare(p: Arc<PresenceState>) -> PresenceState {
+    Arc::try_unwrap(p).unwrap_or_else(|shared| (*shared).clone())
 }
 
 #[derive(Default)]
@@ -136,14 +153,14 @@ impl Router {
         let (kill, kill_rx) = watch::channel(None);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         (
-            SessionHandle {
+            SessionHandle(Arc::new(SessionData {
                 id,
                 info: Arc::new(info),
                 bare,
                 resource,
                 tx,
                 kill,
-            },
+            })),
             SessionReceiver { rx, kill: kill_rx },
         )
     }
@@ -158,10 +175,10 @@ impl Router {
             .iter()
             .position(|e| e.handle.resource == handle.resource)
             .map(|i| list.remove(i))
-            .map(|e| (e.handle, e.presence));
+            .map(|e| (e.handle, unshare(e.presence)));
         list.push(Entry {
             handle,
-            presence: PresenceState::default(),
+            presence: Arc::default(),
         });
         old
     }
@@ -175,7 +192,7 @@ impl Router {
         if list.is_empty() {
             map.remove(&handle.bare);
         }
-        Some(entry.presence)
+        Some(unshare(entry.presence))
     }
 
     /// Whether the account has a bound resource.
@@ -224,7 +241,7 @@ impl Router {
         let mut map = self.write();
         map.get_mut(&handle.bare)
             .and_then(|l| l.iter_mut().find(|e| e.handle.id == handle.id))
-            .map(|e| f(&mut e.presence))
+            .map(|e| f(Arc::make_mut(&mut e.presence)))
     }
 
     pub fn session_count(&self) -> usize {

@@ -279,8 +279,8 @@ async fn save(server: &Arc<Server>, owner: &str, item: RosterItem) {
 /// Sends the current presence of every available resource of `owner` to `contact`.
 async fn send_current_presence(server: &Arc<Server>, owner: &str, contact: &str) {
     for r in server.router.resources(owner) {
-        if let (true, Some(last)) = (r.presence.available, r.presence.last) {
-            let mut copy = last;
+        if let (true, Some(last)) = (r.presence.available, &r.presence.last) {
+            let mut copy = last.clone();
             copy.set_attr("to", contact);
             server.route(copy).await;
         }
@@ -464,8 +464,8 @@ async fn answer_probe(server: &Arc<Server>, owner: &str, from: &Addr) {
     let reply_to = from.to_string();
     let mut any = false;
     for r in server.router.resources(owner) {
-        if let (true, Some(last)) = (r.presence.available, r.presence.last) {
-            let mut copy = last;
+        if let (true, Some(last)) = (r.presence.available, &r.presence.last) {
+            let mut copy = last.clone();
             copy.set_attr("to", reply_to.clone());
             server.route(copy).await;
             any = true;
