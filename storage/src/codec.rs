@@ -250,9 +250,9 @@ pub(crate) fn decode_roster_version(value: &[u8]) -> Result<u64, StorageError> {
     Ok(v)
 }
 
-/// Per-owner offline queue state: the last sequence number handed out and the number of queued messages. Kept
-/// in the same transaction as the messages themselves so the cap check is exact and the counter never goes
-/// back.
+/// Per-owner offline queue state as stored in `offline_meta`: a sequence number no number handed out exceeds
+/// (the sled backend's reservation, see "Offline queues" in `sled.rs`) and the number of queued messages when it
+/// was written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct OfflineMeta {
     pub(crate) last_seq: u64,
