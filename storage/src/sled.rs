@@ -1622,9 +1622,10 @@ mod tests {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        // Per owner: the highest acknowledged number, and the kept messages not removed by a later batch.
+        // Per owner, the highest acknowledged number. (Which messages survive is not checked here: a removal
+        // in flight at the kill may have taken the last kept one; `acknowledged_writes_survive_sigkill` checks
+        // survival.)
         let mut highest = [0u64; OWNERS];
-        let mut kept: Vec<Vec<u64>> = vec![Vec::new(); OWNERS];
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         // Past the first reservation block for every owner.
         while highest.iter().any(|h| *h < 2 * SEQ_BLOCK) {
@@ -1633,16 +1634,13 @@ mod tests {
                 continue;
             };
             let f: Vec<u64> = rest.split(' ').map(|x| x.parse().unwrap()).collect();
-            let w = f[0] as usize;
-            kept[w].retain(|k| *k > f[1]);
-            kept[w].push(f[2]);
-            highest[w] = f[2];
+            highest[f[0] as usize] = f[2];
         }
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
 
         let s = SledStorage::open(dir.path()).unwrap();
-        for w in 0..OWNERS {
+        for (w, high) in highest.iter().enumerate() {
             let owner = format!("u{w}@x");
             let stored: Vec<u64> = s
                 .offline_messages(&owner)
@@ -1651,11 +1649,8 @@ mod tests {
                 .into_iter()
                 .map(|(seq, _)| seq)
                 .collect();
-            for k in &kept[w] {
-                assert!(stored.contains(k), "{owner} #{k} lost; stored {stored:?}");
-            }
             assert_eq!(s.offline_count(&owner).await.unwrap(), stored.len());
-            let above = stored.last().copied().unwrap_or(0).max(highest[w]);
+            let above = stored.last().copied().unwrap_or(0).max(*high);
             // Even after removing everything, so that no message key remembers the numbers.
             s.remove_offline(&owner, u64::MAX).await.unwrap();
             let next = s.push_offline(&owner, b"after".to_vec(), 10).await.unwrap();
