@@ -65,12 +65,14 @@ impl Server {
                     self.route(stanza).await;
                 }
             }
-            Kind::Message => {
-                if to.is_none() {
+            Kind::Message => match to {
+                // Parsed and prepared above: no second parse.
+                Some(to) => self.route_to(kind, stanza, to).await,
+                None => {
                     stanza.set_attr("to", session.bare.clone());
+                    self.route(stanza).await;
                 }
-                self.route(stanza).await;
-            }
+            },
         }
     }
 
@@ -91,6 +93,11 @@ impl Server {
             self.send_error(&stanza, Cond::JidMalformed);
             return;
         };
+        self.route_to(kind, stanza, to).await;
+    }
+
+    /// [`Server::route`] for a stanza of `kind` whose `to` is already parsed as `to`.
+    async fn route_to(self: &Arc<Self>, kind: Kind, stanza: Element, to: Addr) {
         if !self.is_local_domain(&to.domain) {
             let remote = to.domain.clone();
             self.send_remote(&remote, stanza).await;

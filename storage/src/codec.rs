@@ -281,6 +281,12 @@ pub(crate) fn encode_blob(payload: &[u8]) -> Vec<u8> {
     w.finish()
 }
 
+/// [`encode_blob`] in place: no copy when `payload` has room for one more byte.
+pub(crate) fn encode_blob_owned(mut payload: Vec<u8>) -> Vec<u8> {
+    payload.insert(0, V1);
+    payload
+}
+
 pub(crate) fn decode_blob(what: &'static str, value: &[u8]) -> Result<Vec<u8>, StorageError> {
     let mut r = Reader::new(what, value)?;
     Ok(r.rest().to_vec())
@@ -339,6 +345,8 @@ mod tests {
         assert_eq!(decode_offline_meta(&encode_offline_meta(m)).unwrap(), m);
         assert_eq!(decode_blob("x", &encode_blob(b"<m/>")).unwrap(), b"<m/>");
         assert_eq!(decode_blob("x", &encode_blob(b"")).unwrap(), b"");
+        assert_eq!(encode_blob_owned(b"<m/>".to_vec()), encode_blob(b"<m/>"));
+        assert_eq!(encode_blob_owned(Vec::new()), encode_blob(b""));
     }
 
     #[test]

@@ -542,8 +542,7 @@ impl OfflineStore for SledStorage {
         max: usize,
     ) -> Result<(u64, SyncPoint)> {
         check_owner(owner)?;
-        let value = codec::encode_blob(&stanza);
-        drop(stanza);
+        let value = codec::encode_blob_owned(stanza);
         let max = u64::try_from(max).unwrap_or(u64::MAX);
         let writing = self.writing();
         let seq = self.with_queue(owner, |q| {

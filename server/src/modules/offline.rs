@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use confab_protocol::{ns, Element, StanzaErrorCondition as Cond};
+use confab_protocol::{ns, Element, Node, StanzaErrorCondition as Cond};
 use confab_storage::StorageError;
 
 use super::FeatureScope;
@@ -30,28 +30,30 @@ fn worth_storing(m: &Element) -> bool {
 }
 
 /// Stores a message for an account with no available resource.
-pub async fn store(server: &Arc<Server>, owner: &str, message: Element) {
+pub async fn store(server: &Arc<Server>, owner: &str, mut message: Element) {
     if !worth_storing(&message) {
         return;
     }
-    let domain = owner.rsplit('@').next().unwrap_or(owner).to_string();
-    // The stamped copy is what is stored; an error reply quotes the message as sent,
-    // not our internal stamp.
-    let mut stamped = message.clone();
+    let domain = owner.rsplit('@').next().unwrap_or(owner);
+    let delay = Element::new("delay", ns::DELAY)
+        .with_attr("from", domain)
+        .with_attr("stamp", stamp_now());
     // A sender-supplied delay claiming to come from this domain would be
     // indistinguishable from ours (XEP-0203 §3: `from` names the delaying entity).
-    stamped
-        .nodes_mut()
-        .retain(|n| !matches!(n, confab_protocol::Node::Element(e) if e.is("delay", ns::DELAY) && e.attr("from") == Some(domain.as_str())));
-    stamped.append_child(
-        Element::new("delay", ns::DELAY)
-            .with_attr("from", domain)
-            .with_attr(
-                "stamp",
-                crate::stanza::timestamp(std::time::SystemTime::now()),
-            ),
-    );
-    let bytes = stamped.to_xml("").into_bytes();
+    let ours = |n: &Node| matches!(n, Node::Element(e) if e.is("delay", ns::DELAY) && e.attr("from") == Some(domain));
+    let mut bytes = Vec::with_capacity(STORED_CAPACITY);
+    if message.nodes().iter().any(ours) {
+        let mut stamped = message.clone();
+        stamped.nodes_mut().retain(|n| !ours(n));
+        stamped.append_child(delay);
+        stamped.write_to(&mut bytes, "");
+    } else {
+        // The stamp is added for serializing only: an error reply quotes the message as
+        // sent, not our internal stamp.
+        message.append_child(delay);
+        message.write_to(&mut bytes, "");
+        message.nodes_mut().pop();
+    }
     let max = server.config().limits.max_offline_messages;
     // From a client stream, the flush is left to the stream, which makes the message
     // durable before it answers anything later (crate::durability); from elsewhere
@@ -85,6 +87,27 @@ pub async fn store(server: &Arc<Server>, owner: &str, message: Element) {
             server.send_error(&message, Cond::InternalServerError);
         }
     }
+}
+
+/// What a stored message is serialized into at first: most chat messages fit.
+const STORED_CAPACITY: usize = 512;
+
+/// The XEP-0082 stamp of now, formatted once per millisecond (its resolution) per thread.
+fn stamp_now() -> String {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    thread_local! {
+        static LAST: RefCell<(u128, String)> = const { RefCell::new((0, String::new())) };
+    }
+    let now = SystemTime::now();
+    let ms = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        if last.0 != ms || last.1.is_empty() {
+            *last = (ms, crate::stanza::timestamp(now));
+        }
+        last.1.clone()
+    })
 }
 
 /// Hands stored messages to a session that just became available.
