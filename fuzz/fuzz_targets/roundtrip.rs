@@ -14,8 +14,14 @@ use libfuzzer_sys::fuzz_target;
 const STREAMS_NS: &str = "http://etherx.jabber.org/streams";
 
 fn reparse_in_stream(element: &Element, default_ns: &str) -> Vec<u8> {
+    // Whitespace other than a space would be normalized to a space in an attribute
+    // value (XML 1.0 §3.3.3): written as references, like the serializer does.
+    let declared = default_ns
+        .replace('\t', "&#9;")
+        .replace('\n', "&#10;")
+        .replace('\r', "&#13;");
     let mut bytes =
-        format!("<stream:stream xmlns='{default_ns}' xmlns:stream='{STREAMS_NS}' version='1.0'>")
+        format!("<stream:stream xmlns='{declared}' xmlns:stream='{STREAMS_NS}' version='1.0'>")
             .into_bytes();
     let start = bytes.len();
     element.write_to(&mut bytes, default_ns);
