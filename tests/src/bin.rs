@@ -4,8 +4,8 @@
 use std::path::Path;
 use std::process::{Output, Stdio};
 
-use anyhow::{anyhow, Result};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use anyhow::{anyhow, Context, Result};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use crate::{confab_bin, TIMEOUT};
 
@@ -18,6 +18,51 @@ pub struct Served {
     pub drain: tokio::task::JoinHandle<Vec<String>>,
     /// The log up to "is running".
     pub log: Vec<String>,
+}
+
+/// Runs `BIN --config CONFIG ARGS` in `cwd` (this process's own directory when `None`),
+/// writes `stdin` to it, and returns its output once it exits, waiting at most `limit`.
+pub async fn run_cli_with(
+    bin: &Path,
+    config: &Path,
+    cwd: Option<&Path>,
+    args: &[&str],
+    stdin: &str,
+    limit: std::time::Duration,
+) -> Result<Output> {
+    let mut command = tokio::process::Command::new(bin);
+    command.arg("--config").arg(config).args(args);
+    if let Some(cwd) = cwd {
+        command.current_dir(cwd);
+    }
+    let mut child = command
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("running {}", bin.display()))?;
+    let mut input = child.stdin.take().context("no stdin pipe")?;
+    input.write_all(stdin.as_bytes()).await?;
+    drop(input);
+    tokio::time::timeout(limit, child.wait_with_output())
+        .await
+        .map_err(|_| anyhow!("confab {args:?} did not finish in time"))?
+        .map_err(Into::into)
+}
+
+/// [`run_cli_with`] for this build's `confab`, in this process's directory, within 30 s.
+pub async fn run_cli(config: &Path, args: &[&str], stdin: &str) -> Result<Output> {
+    run_cli_with(
+        confab_bin(),
+        config,
+        None,
+        args,
+        stdin,
+        std::time::Duration::from_secs(30),
+    )
+    .await
 }
 
 /// Starts `confab --config CONFIG serve` and waits (bounded) until it is running: its

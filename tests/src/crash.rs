@@ -26,7 +26,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -34,7 +33,6 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use confab_protocol::sasl::ScramHash;
 use confab_protocol::{ns, Element};
-use tokio::io::AsyncWriteExt;
 
 use crate::bin::{spawn_serve_bin, Served};
 use crate::{Client, TestPki, DOMAIN, TIMEOUT};
@@ -296,23 +294,15 @@ fn write_config(dir: &Path) -> Result<PathBuf> {
 
 /// Runs `confab --config F <args>` with `stdin`; fails unless it succeeds in time.
 async fn confab_cli(s: &Setup, args: &[&str], stdin: &str) -> Result<String> {
-    let mut child = tokio::process::Command::new(&s.confab)
-        .arg("--config")
-        .arg(&s.config)
-        .args(args)
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("running {}", s.confab.display()))?;
-    let mut input = child.stdin.take().ok_or_else(|| anyhow!("no stdin"))?;
-    input.write_all(stdin.as_bytes()).await?;
-    drop(input);
-    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
-        .await
-        .map_err(|_| anyhow!("confab {args:?} did not finish in time"))??;
+    let out = crate::bin::run_cli_with(
+        &s.confab,
+        &s.config,
+        None,
+        args,
+        stdin,
+        Duration::from_secs(60),
+    )
+    .await?;
     if !out.status.success() {
         bail!(
             "confab {args:?} failed: {}",

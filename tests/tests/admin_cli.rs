@@ -2,7 +2,7 @@
 //! `cert import` (then served to clients), `user show`, completions and the man page.
 
 use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
+use std::process::Output;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -10,7 +10,6 @@ use confab_protocol::sasl::ScramHash;
 use confab_protocol::{ns, Element};
 use confab_tests::bin::*;
 use confab_tests::*;
-use tokio::io::AsyncWriteExt;
 
 struct Setup {
     dir: tempfile::TempDir,
@@ -64,20 +63,7 @@ scram_iterations = 4096
 
 /// Runs `confab --config F <args>` with `stdin` as its input; waits with a timeout.
 async fn run(s: &Setup, args: &[&str], stdin: &str) -> Result<Output> {
-    let mut child = tokio::process::Command::new(confab_bin())
-        .arg("--config")
-        .arg(&s.config)
-        .args(args)
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut input = child.stdin.take().expect("stdin");
-    input.write_all(stdin.as_bytes()).await?;
-    drop(input);
-    Ok(tokio::time::timeout(Duration::from_secs(30), child.wait_with_output()).await??)
+    run_cli(&s.config, args, stdin).await
 }
 
 fn assert_ok(out: &Output) {

@@ -12,7 +12,7 @@ use confab_protocol::sasl::ScramHash;
 use confab_protocol::{ns, Element};
 use confab_tests::bin::*;
 use confab_tests::*;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 
 const USERS: [(&str, &str); 4] = [
     ("alice", "wonderland"),
@@ -48,21 +48,15 @@ impl Setup {
 
 /// Runs `confab --config CONFIG ARGS` in `cwd` with `stdin`; waits with a timeout.
 async fn run_in(config: &Path, cwd: &Path, args: &[&str], stdin: &str) -> anyhow::Result<Output> {
-    let mut child = tokio::process::Command::new(confab_bin())
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .current_dir(cwd)
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut input = child.stdin.take().expect("stdin");
-    input.write_all(stdin.as_bytes()).await?;
-    drop(input);
-    Ok(tokio::time::timeout(Duration::from_secs(30), child.wait_with_output()).await??)
+    run_cli_with(
+        confab_bin(),
+        config,
+        Some(cwd),
+        args,
+        stdin,
+        Duration::from_secs(30),
+    )
+    .await
 }
 
 async fn run(config: &Path, args: &[&str], stdin: &str) -> anyhow::Result<Output> {

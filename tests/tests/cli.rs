@@ -4,13 +4,12 @@
 //! The binary is found by [`confab_tests::confab_bin`].
 
 use std::path::PathBuf;
-use std::process::{Output, Stdio};
+use std::process::Output;
 use std::time::Duration;
 
 use confab_protocol::sasl::ScramHash;
 use confab_tests::bin::*;
 use confab_tests::*;
-use tokio::io::AsyncWriteExt;
 
 struct Setup {
     dir: tempfile::TempDir,
@@ -29,20 +28,7 @@ fn setup(extra: &str) -> anyhow::Result<Setup> {
 
 /// Runs `confab --config F <args>` with `stdin` as its input; waits with a timeout.
 async fn run(s: &Setup, args: &[&str], stdin: &str) -> anyhow::Result<Output> {
-    let mut child = tokio::process::Command::new(confab_bin())
-        .arg("--config")
-        .arg(&s.config)
-        .args(args)
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut input = child.stdin.take().expect("stdin");
-    input.write_all(stdin.as_bytes()).await?;
-    drop(input);
-    Ok(tokio::time::timeout(Duration::from_secs(30), child.wait_with_output()).await??)
+    run_cli(&s.config, args, stdin).await
 }
 
 #[tokio::test]

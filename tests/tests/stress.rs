@@ -8,7 +8,6 @@
 //! docs/admin.md ("Under stress"); run with `--nocapture` to see them.
 
 use std::net::SocketAddr;
-use std::process::{Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -53,7 +52,7 @@ impl Stress {
             .iter()
             .map(|(user, pw)| format!("{user}@{DOMAIN} {pw}\n"))
             .collect();
-        let out = run(&config, &["user", "import"], &accounts).await?;
+        let out = run_cli(&config, &["user", "import"], &accounts).await?;
         ensure!(out.status.success(), "user import: {}", text(&out.stderr));
         let served = spawn_serve(&config).await?;
         let pid = served.child.id().context("the server has no pid")?;
@@ -94,24 +93,6 @@ impl Stress {
         self.served.child.kill().await?;
         Ok(tokio::time::timeout(TIMEOUT, self.served.drain).await??)
     }
-}
-
-/// Runs `confab --config CONFIG ARGS` with `stdin` as its input.
-async fn run(config: &std::path::Path, args: &[&str], stdin: &str) -> Result<Output> {
-    let mut child = tokio::process::Command::new(confab_bin())
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut input = child.stdin.take().context("no stdin pipe")?;
-    input.write_all(stdin.as_bytes()).await?;
-    drop(input);
-    Ok(tokio::time::timeout(Duration::from_secs(30), child.wait_with_output()).await??)
 }
 
 /// What the server's resident memory did over one abuse.
