@@ -781,6 +781,50 @@ impl Client {
         Ok(())
     }
 
+    /// SCRAM-SHA-256 with a wrong `password`, which must be answered `not-authorized`.
+    pub async fn expect_not_authorized(&mut self, user: &str, password: &str) -> Result<()> {
+        let err = match self
+            .authenticate(ScramHash::Sha256, false, user, password)
+            .await
+        {
+            Ok(()) => bail!("a wrong password was accepted"),
+            Err(e) => e,
+        };
+        let failure = err
+            .downcast_ref::<SaslFailure>()
+            .with_context(|| format!("not a SASL failure: {err:#}"))?;
+        anyhow::ensure!(failure.0 == "not-authorized", "{}", failure.0);
+        Ok(())
+    }
+
+    /// Starts SCRAM-SHA-256 (the password may be right) and expects the stream to be closed
+    /// with `policy-violation` ("too many failed logins") before any challenge, then cleanly.
+    pub async fn expect_login_refused(&mut self, user: &str, password: &str) -> Result<()> {
+        let mut scram = ScramClient::new(ScramHash::Sha256, user, password, ClientBinding::None);
+        self.send(
+            &Element::new("auth", ns::SASL)
+                .with_attr("mechanism", "SCRAM-SHA-256")
+                .with_text(encode_payload(&scram.client_first())),
+        )
+        .await?;
+        let e = self.next().await?;
+        anyhow::ensure!(e.is("error", ns::STREAM), "expected a stream error: {e}");
+        anyhow::ensure!(
+            e.get_child("policy-violation", ns::STREAMS).is_some(),
+            "expected policy-violation, got {e}"
+        );
+        let text = e
+            .get_child("text", ns::STREAMS)
+            .map(|t| t.text())
+            .unwrap_or_default();
+        anyhow::ensure!(text.contains("too many failed logins"), "{e}");
+        anyhow::ensure!(
+            self.expect_closed().await? == Closed::Clean,
+            "not closed cleanly"
+        );
+        Ok(())
+    }
+
     /// SASL PLAIN; on success the stream is restarted.
     pub async fn authenticate_plain(&mut self, user: &str, password: &str) -> Result<()> {
         let data = format!("\0{user}\0{password}");

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use confab::admin::Request;
-use confab_protocol::sasl::{encode_payload, ClientBinding, ScramClient, ScramHash};
+use confab_protocol::sasl::ScramHash;
 use confab_protocol::{ns, Element};
 use confab_tests::bin::*;
 use confab_tests::*;
@@ -40,49 +40,6 @@ async fn tls_client(addr: SocketAddr, pki: &TestPki) -> Result<Client> {
     Ok(c)
 }
 
-/// A wrong password, answered with `not-authorized`.
-async fn fail_once(c: &mut Client) -> Result<()> {
-    let err = c
-        .authenticate(ScramHash::Sha256, false, "alice", "wrong")
-        .await
-        .expect_err("a wrong password was accepted");
-    let failure = err
-        .downcast_ref::<SaslFailure>()
-        .context("not a SASL failure")?;
-    assert_eq!(failure.0, "not-authorized");
-    Ok(())
-}
-
-/// Starts SCRAM with the right user and expects the stream to be closed with
-/// `policy-violation` and the given text before any challenge.
-async fn expect_refused(c: &mut Client) -> Result<()> {
-    let mut scram = ScramClient::new(
-        ScramHash::Sha256,
-        "alice",
-        "wonderland",
-        ClientBinding::None,
-    );
-    c.send(
-        &Element::new("auth", ns::SASL)
-            .with_attr("mechanism", "SCRAM-SHA-256")
-            .with_text(encode_payload(&scram.client_first())),
-    )
-    .await?;
-    let e = c.next().await?;
-    assert!(e.is("error", ns::STREAM), "expected a stream error: {e}");
-    assert!(
-        e.get_child("policy-violation", ns::STREAMS).is_some(),
-        "{e}"
-    );
-    let text = e
-        .get_child("text", ns::STREAMS)
-        .map(|t| t.text())
-        .unwrap_or_default();
-    assert!(text.contains("too many failed logins"), "{e}");
-    assert_eq!(c.expect_closed().await?, Closed::Clean);
-    Ok(())
-}
-
 async fn ping(c: &mut Client) -> Result<()> {
     let reply = c
         .iq(Element::new("iq", ns::CLIENT)
@@ -103,15 +60,15 @@ async fn failed_logins_are_limited_per_address_across_connections() -> Result<()
 
     // Three failures from 127.0.0.1, over two connections (the per-stream limit is 3).
     let mut c = tls_client(server.addr(), &server.pki).await?;
-    fail_once(&mut c).await?;
-    fail_once(&mut c).await?;
+    c.expect_not_authorized("alice", "wrong").await?;
+    c.expect_not_authorized("alice", "wrong").await?;
     let mut c2 = tls_client(server.addr(), &server.pki).await?;
-    fail_once(&mut c2).await?;
+    c2.expect_not_authorized("alice", "wrong").await?;
     // The next attempt, on an open connection or a new one, with the right password,
     // is refused.
-    expect_refused(&mut c).await?;
+    c.expect_login_refused("alice", "wonderland").await?;
     let mut c3 = tls_client(server.addr(), &server.pki).await?;
-    expect_refused(&mut c3).await?;
+    c3.expect_login_refused("alice", "wonderland").await?;
 
     // Another address logs in as usual.
     let proxy = proxy_from("127.0.0.2".parse()?, server.addr()).await?;
@@ -134,7 +91,7 @@ async fn failed_logins_are_limited_per_address_across_connections() -> Result<()
 
     // Its success does not lift the limit of 127.0.0.1.
     let mut c4 = tls_client(server.addr(), &server.pki).await?;
-    expect_refused(&mut c4).await?;
+    c4.expect_login_refused("alice", "wonderland").await?;
 
     let snap = confab::ops::snapshot(&server.running().server);
     assert_eq!(snap.auth_failures, 3, "{snap:?}");
@@ -221,7 +178,7 @@ async fn stats_and_metrics_count_sessions_stanzas_failures_and_offline_messages(
     bob.expect_body("hello bob").await?;
     alice.chat(&format!("carol@{DOMAIN}"), "for later").await?;
     let mut bad = tls_client(server.addr(), &server.pki).await?;
-    fail_once(&mut bad).await?;
+    bad.expect_not_authorized("alice", "wrong").await?;
     // The offline message is stored once the sender's next stanza is answered.
     ping(&mut alice).await?;
 

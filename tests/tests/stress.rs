@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use confab_protocol::sasl::{encode_payload, ClientBinding, ScramClient, ScramHash};
+use confab_protocol::sasl::{encode_payload, ScramHash};
 use confab_protocol::{ns, Element, StreamEvent};
 use confab_tests::bin::*;
 use confab_tests::*;
@@ -625,51 +625,13 @@ async fn connections_over_the_limit_are_closed_at_once_and_memory_stays_bounded(
 
 // ---- 4. failed logins ---------------------------------------------------------------------
 
-/// A wrong password over an open TLS stream, answered with `not-authorized`.
-async fn fail_once(c: &mut Client) -> Result<()> {
-    let err = match c
-        .authenticate(ScramHash::Sha256, false, "alice", "guess")
-        .await
-    {
-        Ok(()) => bail!("a wrong password was accepted"),
-        Err(e) => e,
-    };
-    let failure = err
-        .downcast_ref::<SaslFailure>()
-        .with_context(|| format!("not a SASL failure: {err:#}"))?;
-    ensure!(failure.0 == "not-authorized", "{}", failure.0);
-    Ok(())
-}
-
 /// A new TLS connection that starts SCRAM with the right password and must be closed with
 /// `policy-violation` before any challenge; returns how long the refusal took.
 async fn expect_refused_login(addr: SocketAddr, pki: Arc<TestPki>) -> Result<Duration> {
     let t = Instant::now();
     let mut c = Client::connect(addr).await?;
     c.starttls(&pki).await?;
-    let mut scram = ScramClient::new(
-        ScramHash::Sha256,
-        "alice",
-        "wonderland",
-        ClientBinding::None,
-    );
-    c.send(
-        &Element::new("auth", ns::SASL)
-            .with_attr("mechanism", "SCRAM-SHA-256")
-            .with_text(encode_payload(&scram.client_first())),
-    )
-    .await?;
-    let e = c.next().await?;
-    ensure!(
-        e.is("error", ns::STREAM) && e.get_child("policy-violation", ns::STREAMS).is_some(),
-        "expected policy-violation, got {e}"
-    );
-    let text = e
-        .get_child("text", ns::STREAMS)
-        .map(|t| t.text())
-        .unwrap_or_default();
-    ensure!(text.contains("too many failed logins"), "{e}");
-    ensure!(c.expect_closed().await? == Closed::Clean);
+    c.expect_login_refused("alice", "wonderland").await?;
     Ok(t.elapsed())
 }
 
@@ -705,7 +667,7 @@ async fn logins_beyond_the_failure_limit_are_refused_and_memory_stays_bounded() 
     let mut first = Client::connect(s.addr()).await?;
     first.starttls(&s.pki).await?;
     for _ in 0..3 {
-        fail_once(&mut first).await?;
+        first.expect_not_authorized("alice", "guess").await?;
     }
     assert_eq!(
         first.expect_closed().await?,
@@ -714,7 +676,7 @@ async fn logins_beyond_the_failure_limit_are_refused_and_memory_stays_bounded() 
     let mut second = Client::connect(s.addr()).await?;
     second.starttls(&s.pki).await?;
     for _ in 3..PER_MINUTE {
-        fail_once(&mut second).await?;
+        second.expect_not_authorized("alice", "guess").await?;
     }
 
     let mut slowest = Duration::ZERO;
