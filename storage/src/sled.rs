@@ -1073,6 +1073,18 @@ mod tests {
     use super::*;
     use crate::{OfflineStore, RosterStore, UserDataStore};
 
+    /// Runs the test `name` of this test binary alone in a child process, with `env` set to
+    /// `dir` (so it plays the child's part), its stdout piped to us.
+    fn spawn_test_child(name: &str, env: &str, dir: &Path) -> std::process::Child {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", name, "--nocapture", "--test-threads=1"])
+            .env(env, dir)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
     fn open() -> (tempfile::TempDir, SledStorage) {
         let dir = tempfile::tempdir().unwrap();
         let s = SledStorage::open(dir.path()).unwrap();
@@ -1508,18 +1520,11 @@ mod tests {
         }
 
         let dir = tempfile::tempdir().unwrap();
-        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "sled::tests::acknowledged_writes_survive_sigkill",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_ENV, dir.path())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_test_child(
+            "sled::tests::acknowledged_writes_survive_sigkill",
+            CHILD_ENV,
+            dir.path(),
+        );
         let mut acked: Vec<Vec<u64>> = vec![Vec::new(); 8];
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let mut n = 0;
@@ -1609,18 +1614,11 @@ mod tests {
         }
 
         let dir = tempfile::tempdir().unwrap();
-        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "sled::tests::sequence_numbers_are_not_reused_after_sigkill",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_ENV, dir.path())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_test_child(
+            "sled::tests::sequence_numbers_are_not_reused_after_sigkill",
+            CHILD_ENV,
+            dir.path(),
+        );
         // Per owner, the highest acknowledged number. (Which messages survive is not checked here: a removal
         // in flight at the kill may have taken the last kept one; `acknowledged_writes_survive_sigkill` checks
         // survival.)
