@@ -281,7 +281,8 @@ pub(crate) fn encode_blob(payload: &[u8]) -> Vec<u8> {
     w.finish()
 }
 
-/// [`encode_blob`] in place: no copy when `payload` has room for one more byte.
+/// [`encode_blob`] in place: no second buffer, and no reallocation when `payload` has room for one more
+/// byte (the payload moves up by one within it).
 pub(crate) fn encode_blob_owned(mut payload: Vec<u8>) -> Vec<u8> {
     payload.insert(0, V1);
     payload

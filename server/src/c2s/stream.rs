@@ -5,7 +5,6 @@ use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
 use confab_protocol::sasl::{
@@ -937,14 +936,10 @@ async fn read_some(
     let n = std::future::poll_fn(|cx| {
         let mut space = [MaybeUninit::<u8>::uninit(); READ_BUFFER];
         let mut rb = ReadBuf::uninit(&mut space);
-        match Pin::new(&mut *conn).poll_read(cx, &mut rb) {
-            Poll::Ready(Ok(())) => {
-                parser.feed(rb.filled());
-                Poll::Ready(Ok(rb.filled().len()))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => Poll::Pending,
-        }
+        Pin::new(&mut *conn).poll_read(cx, &mut rb).map_ok(|()| {
+            parser.feed(rb.filled());
+            rb.filled().len()
+        })
     })
     .await?;
     if let Some(t) = throttle.as_mut() {

@@ -59,17 +59,14 @@ pub async fn store(server: &Arc<Server>, owner: &str, mut message: Element) {
     // durable before it answers anything later (crate::durability); from elsewhere
     // (server-to-server links) it is waited for here.
     let stored = if crate::durability::can_defer() {
-        match server
+        server
             .storage
             .push_offline_unsynced(owner, bytes, max)
             .await
-        {
-            Ok((seq, point)) => {
+            .map(|(seq, point)| {
                 crate::durability::defer(point);
-                Ok(seq)
-            }
-            Err(e) => Err(e),
-        }
+                seq
+            })
     } else {
         server.storage.push_offline(owner, bytes, max).await
     };
