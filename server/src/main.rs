@@ -4,6 +4,9 @@ use clap::Parser;
 use tracing_subscriber::prelude::*;
 use tracing_subscriber::{reload, EnvFilter};
 
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = confab::cli::Cli::parse();
     // A configuration that does not load is reported by the command itself; the logger
