@@ -46,7 +46,7 @@
 //! Pushing an offline message is the hottest write, so it uses no sled transaction (every sled transaction or
 //! batch seals and writes sled's current log buffer, a `pwrite` and a `sync_file_range` each, which limited
 //! pushes to a few thousand a second) and, most of the time, one sled write: the message. Each owner's queue
-//! state (last sequence number handed out, number of queued messages) lives in memory ([`Queues`], sharded by
+//! state (last sequence number handed out, number of queued messages) lives in memory (`queues`, sharded by
 //! owner, each shard under its own mutex); it is loaded on first use and is exact: the count is that of the
 //! owner's keys in `offline`, the last number the highest of `offline_meta`'s record and of those keys.
 //!
@@ -63,6 +63,14 @@
 //! state, always after the shared side of the backup gate. The state of at most [`QUEUES_PER_SHARD`] owners
 //! is kept per shard; one evicted is loaded again from sled when next used (its reservation stays, which only
 //! skips numbers).
+//!
+//! # Known accounts
+//!
+//! Every stanza to a bare JID without a session checks that the account exists, so positive answers are kept
+//! in memory ([`KnownShard`], sharded like the queues, at most [`QUEUES_PER_SHARD`] per shard). Only
+//! `delete_account` removes an account, and it holds the owner's shard of that set while its transaction
+//! runs and until the name is dropped from the set, while a check holds the same lock from its read of
+//! `accounts` to its insert: a check never caches a name whose deletion it did not see.
 
 //! # Trees
 //!
@@ -120,7 +128,9 @@ pub struct SledStorage {
     /// Writers hold it shared while they update sled, backups exclusively (see "Backups" above).
     gate: RwLock<()>,
     /// The offline queue state of each owner (see "Offline queues" above).
-    queues: Queues,
+    queues: Sharded<QueueShard>,
+    /// Accounts known to exist (see "Known accounts" above).
+    known: Sharded<KnownShard>,
 }
 
 impl std::fmt::Debug for SledStorage {
@@ -202,7 +212,8 @@ impl SledStorage {
             userdata: tree("userdata")?,
             commit: GroupCommit::new(db.clone(), log),
             gate: RwLock::new(()),
-            queues: Queues::new(),
+            queues: Sharded::new(),
+            known: Sharded::new(),
             path: path.to_owned(),
             db,
         })
@@ -262,12 +273,8 @@ impl SledStorage {
         }
         let mut q = self.load_queue(owner)?;
         let out = f(&mut q);
-        if shard.len() >= QUEUES_PER_SHARD {
-            // Any one will do: an evicted state is loaded again, exactly, when next needed.
-            if let Some(k) = shard.keys().next().cloned() {
-                shard.remove(&k);
-            }
-        }
+        // An evicted state is loaded again, exactly, when next needed.
+        evict_one(&mut shard);
         shard.insert(owner.into(), q);
         out
     }
@@ -347,6 +354,8 @@ impl SledStorage {
         // Gate first, then the owner's queue shard, as for pushes; no push for this owner runs meanwhile.
         let _writing = self.writing();
         let mut queues = self.queues.shard(owner);
+        // Held until the name is gone from the set too (see "Known accounts" above).
+        let mut known = self.known.shard(owner);
         let [roster_keys, offline_keys, userdata_keys] = self.owner_keys(owner)?;
         let trees = (
             &self.accounts,
@@ -384,6 +393,7 @@ impl SledStorage {
         if purged {
             // The queue and its counter are gone: numbering starts again at 1.
             queues.remove(owner);
+            known.remove(owner);
         }
         Ok(())
     }
@@ -441,7 +451,19 @@ impl AccountStore for SledStorage {
     }
 
     async fn account_exists(&self, jid: &str) -> Result<bool> {
-        self.accounts.contains_key(jid.as_bytes()).map_err(backend)
+        let mut known = self.known.shard(jid);
+        if known.contains_key(jid) {
+            return Ok(true);
+        }
+        let exists = self
+            .accounts
+            .contains_key(jid.as_bytes())
+            .map_err(backend)?;
+        if exists {
+            evict_one(&mut known);
+            known.insert(jid.into(), ());
+        }
+        Ok(exists)
     }
 
     async fn set_credentials(&self, jid: &str, credentials: Vec<StoredCredential>) -> Result<()> {
@@ -880,7 +902,7 @@ impl Drop for SledStorage {
 /// How many sequence numbers a push reserves at once when it needs a new reservation (see "Offline queues").
 const SEQ_BLOCK: u64 = 1024;
 
-/// Shards of [`Queues`]: pushes to owners of different shards do not wait for each other.
+/// Shards of the queue states and known accounts: owners of different shards do not wait for each other.
 const QUEUE_SHARDS: usize = 64;
 
 /// At most this many owners' states are kept per shard (fewer in tests, so that they evict).
@@ -899,21 +921,24 @@ struct QueueState {
 
 type QueueShard = std::collections::HashMap<String, QueueState>;
 
-/// The in-memory queue states, by owner, sharded by a hash of the owner.
-struct Queues {
-    shards: Box<[Mutex<QueueShard>]>,
+/// Bare JIDs of accounts known to exist.
+type KnownShard = std::collections::HashMap<String, ()>;
+
+/// In-memory state by owner, sharded by a hash of the owner, each shard under its own mutex.
+struct Sharded<T> {
+    shards: Box<[Mutex<T>]>,
 }
 
-impl Queues {
+impl<T: Default> Sharded<T> {
     fn new() -> Self {
-        Queues {
+        Sharded {
             shards: (0..QUEUE_SHARDS)
-                .map(|_| Mutex::new(QueueShard::new()))
+                .map(|_| Mutex::new(T::default()))
                 .collect(),
         }
     }
 
-    fn shard(&self, owner: &str) -> MutexGuard<'_, QueueShard> {
+    fn shard(&self, owner: &str) -> MutexGuard<'_, T> {
         // FNV-1a: cheap, and good enough to spread owners over the shards.
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for b in owner.as_bytes() {
@@ -921,6 +946,16 @@ impl Queues {
         }
         // The remainder is below QUEUE_SHARDS, which fits in usize.
         lock(&self.shards[(h % QUEUE_SHARDS as u64) as usize])
+    }
+}
+
+/// Makes room for one more entry in a full shard, dropping any one entry: both kinds are loaded again from
+/// sled when next needed.
+fn evict_one<V>(shard: &mut std::collections::HashMap<String, V>) {
+    if shard.len() >= QUEUES_PER_SHARD {
+        if let Some(k) = shard.keys().next().cloned() {
+            shard.remove(&k);
+        }
     }
 }
 
@@ -1200,6 +1235,28 @@ mod tests {
         s.remove_offline("b@x", 3000).await.unwrap();
         assert_eq!(s.offline_count("b@x").await.unwrap(), 1);
         assert_eq!(s.push_offline("b@x", b"m".to_vec(), 2).await.unwrap(), 3002);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_deletion_racing_existence_checks_is_not_forgotten() {
+        let (_dir, s) = open();
+        let s = Arc::new(s);
+        for round in 0..50 {
+            s.create_account("a@x", vec![]).await.unwrap();
+            let checker = {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    for _ in 0..200 {
+                        s.account_exists("a@x").await.unwrap();
+                        tokio::task::yield_now().await;
+                    }
+                })
+            };
+            tokio::task::yield_now().await;
+            s.delete_account("a@x").await.unwrap();
+            checker.await.unwrap();
+            assert!(!s.account_exists("a@x").await.unwrap(), "round {round}");
+        }
     }
 
     #[tokio::test]

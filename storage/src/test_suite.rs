@@ -46,14 +46,20 @@ async fn accounts_crud<S: Storage>(s: &S) {
         Err(StorageError::NoSuchAccount)
     ));
 
+    // Asked twice, so that a backend that remembers the answer is asked again after the deletion.
+    assert!(s.account_exists("a@x").await.unwrap());
+    assert!(s.account_exists("a@x").await.unwrap());
+    assert!(!s.account_exists("nobody@x").await.unwrap());
     s.delete_account("a@x").await.unwrap();
     assert!(s.account("a@x").await.unwrap().is_none());
+    assert!(!s.account_exists("a@x").await.unwrap());
     assert!(matches!(
         s.delete_account("a@x").await,
         Err(StorageError::NoSuchAccount)
     ));
     // Re-creatable after deletion.
     s.create_account("a@x", vec![]).await.unwrap();
+    assert!(s.account_exists("a@x").await.unwrap());
     assert!(s
         .account("a@x")
         .await
