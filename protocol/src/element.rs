@@ -360,26 +360,47 @@ pub(crate) fn is_xml_char(c: char) -> bool {
 /// Characters that XML 1.0 cannot represent at all, not even as character
 /// references, are replaced by U+FFFD so the output stays well-formed.
 fn escape_into(s: &str, out: &mut Vec<u8>, attr: bool) {
-    let mut buf = [0u8; 4];
-    for c in s.chars() {
-        let rep: &[u8] = match c {
-            '&' => b"&amp;",
-            '<' => b"&lt;",
-            '>' => b"&gt;",
+    // Runs of bytes that need no escaping are copied whole. Every byte that does is
+    // ASCII, or the first of U+FFFE or U+FFFF (EF BF BE, EF BF BF), so the run ends
+    // only on character boundaries.
+    let bytes = s.as_bytes();
+    let mut run = 0;
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        let (rep, len): (&[u8], usize) = match b {
+            b'&' => (b"&amp;", 1),
+            b'<' => (b"&lt;", 1),
+            b'>' => (b"&gt;", 1),
             // A literal CR would be turned into LF by end-of-line handling
             // (XML 1.0 §2.11), so it is written as a reference in text too.
-            '\r' => b"&#xD;",
-            '"' if attr => b"&quot;",
-            '\'' if attr => b"&apos;",
+            b'\r' => (b"&#xD;", 1),
+            b'"' if attr => (b"&quot;", 1),
+            b'\'' if attr => (b"&apos;", 1),
             // Attribute-value normalization (XML 1.0 §3.3.3) would turn
             // literal tabs and newlines into spaces.
-            '\t' if attr => b"&#x9;",
-            '\n' if attr => b"&#xA;",
-            c if !is_xml_char(c) => "\u{FFFD}".as_bytes(),
-            c => c.encode_utf8(&mut buf).as_bytes(),
+            b'\t' if attr => (b"&#x9;", 1),
+            b'\n' if attr => (b"&#xA;", 1),
+            b'\t' | b'\n' => {
+                i += 1;
+                continue;
+            }
+            0..=0x1f => ("\u{FFFD}".as_bytes(), 1),
+            0xef if bytes.get(i + 1) == Some(&0xbf)
+                && matches!(bytes.get(i + 2), Some(0xbe | 0xbf)) =>
+            {
+                ("\u{FFFD}".as_bytes(), 3)
+            }
+            _ => {
+                i += 1;
+                continue;
+            }
         };
+        out.extend_from_slice(bytes.get(run..i).unwrap_or_default());
         out.extend_from_slice(rep);
+        i += len;
+        run = i;
     }
+    out.extend_from_slice(bytes.get(run..).unwrap_or_default());
 }
 
 fn escape_text(s: &str, out: &mut Vec<u8>) {
@@ -552,9 +573,43 @@ mod tests {
         "tab\tnl\ncr\rcrlf\r\n",
         "\u{0}\u{1}\u{8}\u{B}\u{C}\u{1F}\u{FFFE}\u{FFFF}",
         "unicode: é ☃ 𝄞 \u{FEFF}",
+        "near U+FFFF: \u{FFFD}\u{FFFC}\u{F000}\u{FBFF}\u{FFFE}x\u{FFFF}\u{10000}",
         "<?xml version='1.0'?><!DOCTYPE x [<!ENTITY a 'b'>]>",
         "<!-- comment -->",
     ];
+
+    /// The character-at-a-time definition of the escaping, for comparison.
+    fn escape_reference(s: &str, attr: bool) -> String {
+        s.chars()
+            .map(|c| match c {
+                '&' => "&amp;".to_string(),
+                '<' => "&lt;".to_string(),
+                '>' => "&gt;".to_string(),
+                '\r' => "&#xD;".to_string(),
+                '"' if attr => "&quot;".to_string(),
+                '\'' if attr => "&apos;".to_string(),
+                '\t' if attr => "&#x9;".to_string(),
+                '\n' if attr => "&#xA;".to_string(),
+                c if !is_xml_char(c) => "\u{FFFD}".to_string(),
+                c => c.to_string(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn escaping_matches_the_character_definition() {
+        for s in ADVERSARIAL {
+            for attr in [false, true] {
+                let mut out = Vec::new();
+                escape_into(s, &mut out, attr);
+                assert_eq!(
+                    String::from_utf8(out).unwrap(),
+                    escape_reference(s, attr),
+                    "{s:?}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn escaping_round_trips_adversarial_strings() {

@@ -977,23 +977,19 @@ impl<'a> Scopes<'a> {
     /// attributes.
     fn open(&mut self, start: &BytesStart<'_>) -> Result<Element, XmlError> {
         self.marks.push(Vec::new());
-        let qname = std::str::from_utf8(start.name().as_ref())
-            .map_err(|_| nwf("invalid UTF-8"))?
-            .to_owned();
-        let mut plain: Vec<(String, String)> = Vec::new();
-        let mut seen_raw: HashSet<String> = HashSet::new();
+        let qname =
+            std::str::from_utf8(start.name().into_inner()).map_err(|_| nwf("invalid UTF-8"))?;
+        let mut plain: Vec<(&str, String)> = Vec::new();
+        let mut raw_keys: Vec<&str> = Vec::new();
         let mut attributes = start.attributes();
         // quick-xml's duplicate check is quadratic in the number of
-        // attributes; a hash set keeps a hostile tag linear.
+        // attributes; `first_duplicate` keeps a hostile tag linear.
         attributes.with_checks(false);
         for attr in attributes {
             let attr = attr.map_err(|e| nwf(e.to_string()))?;
-            let key = std::str::from_utf8(attr.key.as_ref())
-                .map_err(|_| nwf("invalid UTF-8"))?
-                .to_owned();
-            if !seen_raw.insert(key.clone()) {
-                return Err(nwf(format!("duplicate attribute '{key}'")));
-            }
+            let key =
+                std::str::from_utf8(attr.key.into_inner()).map_err(|_| nwf("invalid UTF-8"))?;
+            raw_keys.push(key);
             let raw = std::str::from_utf8(&attr.value).map_err(|_| nwf("invalid UTF-8"))?;
             let value = unescape(raw, true)?;
             if key == "xmlns" {
@@ -1019,7 +1015,10 @@ impl<'a> Scopes<'a> {
                 plain.push((key, value));
             }
         }
-        let (prefix, local) = split_qname(&qname)?;
+        if let Some(key) = first_duplicate(&raw_keys) {
+            return Err(nwf(format!("duplicate attribute '{key}'")));
+        }
+        let (prefix, local) = split_qname(qname)?;
         let uri = match prefix {
             None => self.lookup("").unwrap_or_default(),
             // The reserved prefixes never qualify elements (XML Namespaces
@@ -1033,10 +1032,9 @@ impl<'a> Scopes<'a> {
                 .ok_or_else(|| XmlError::BadNamespacePrefix(p.to_owned()))?,
         };
         let mut element = Element::new(local, uri);
-        let mut seen: HashSet<String> = HashSet::new();
         let mut attrs = Vec::with_capacity(plain.len());
         for (key, value) in plain {
-            let name = match split_qname(&key)? {
+            let name = match split_qname(key)? {
                 (None, local) => local.to_owned(),
                 (Some("xml"), local) => format!("xml:{local}"),
                 (Some(p), local) => {
@@ -1046,15 +1044,31 @@ impl<'a> Scopes<'a> {
                     format!("{{{uri}}}{local}")
                 }
             };
-            // Two prefixes bound to one namespace can still collide
-            // (XML Namespaces 1.0 §6.3).
-            if !seen.insert(name.clone()) {
-                return Err(nwf(format!("duplicate attribute '{key}'")));
-            }
             attrs.push((name, value));
+        }
+        // Two prefixes bound to one namespace can still collide
+        // (XML Namespaces 1.0 §6.3).
+        let names: Vec<&str> = attrs.iter().map(|(n, _)| n.as_str()).collect();
+        if let Some(name) = first_duplicate(&names) {
+            return Err(nwf(format!("duplicate attribute '{name}'")));
         }
         element.set_attrs_unchecked(attrs);
         Ok(element)
+    }
+}
+
+/// A name that occurs more than once in `names`: compared pairwise when there are few
+/// (the usual case, no allocation), through a hash set when there are many.
+fn first_duplicate<'n>(names: &[&'n str]) -> Option<&'n str> {
+    if names.len() <= 16 {
+        names
+            .iter()
+            .enumerate()
+            .find(|&(i, n)| names.get(..i).is_some_and(|before| before.contains(n)))
+            .map(|(_, n)| *n)
+    } else {
+        let mut seen = HashSet::with_capacity(names.len());
+        names.iter().find(|n| !seen.insert(**n)).copied()
     }
 }
 
@@ -1566,6 +1580,25 @@ mod tests {
                 "{case}"
             );
         }
+        // Duplicates among many attributes (checked through a hash set), and among few.
+        let many: String = (0..20).map(|i| format!(" a{i}='v'")).collect();
+        for case in [
+            format!("<message{many} a7='again'/>"),
+            format!("<message{many} x:a='1' xmlns:x='urn:a' y:a='2' xmlns:y='urn:a'/>"),
+            "<message xmlns='urn:a' xmlns='urn:b'/>".to_string(),
+            "<message xmlns:x='urn:a' xmlns:x='urn:b'/>".to_string(),
+        ] {
+            assert!(
+                matches!(err_after_header(&case), XmlError::NotWellFormed(_)),
+                "{case}"
+            );
+        }
+        // Many distinct attributes are fine.
+        let evs = parse_one(&format!("{HEAD}<message{many}/>")).expect("parse");
+        let StreamEvent::Element(m) = &evs[1] else {
+            panic!()
+        };
+        assert_eq!(m.attr("a19"), Some("v"));
         assert_eq!(
             err_after_header("<message><p:x/></message>"),
             XmlError::BadNamespacePrefix("p".into())

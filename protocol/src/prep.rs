@@ -22,6 +22,10 @@ use jid::{Error, Jid};
 /// after that (an empty label, as in `example.com..`) is refused.
 pub fn prepare_jid(s: &str) -> Result<Jid, Error> {
     let mut jid = prepare_once(s)?;
+    // Unchanged by a pass, so unchanged by every further one (the usual case).
+    if jid.as_str() == s {
+        return Ok(jid);
+    }
     // Each extra pass can only apply a mapping the previous one missed; real
     // strings are stable after one or two.
     for _ in 0..MAX_PASSES {
