@@ -615,23 +615,28 @@ impl OfflineStore for SledStorage {
 
     async fn remove_offline(&self, owner: &str, up_to_seq: u64) -> Result<()> {
         check_owner(owner)?;
-        let keys = self
-            .offline
-            .range(seq_key(owner, 0)..=seq_key(owner, up_to_seq))
-            .keys()
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(backend)?;
-        if !keys.is_empty() {
+        {
             let _writing = self.writing();
+            // Listed under the owner's shard lock, which every push and removal for the owner holds: the
+            // keys are exactly those there, so the count goes down by their number.
             self.with_queue(owner, |q| {
+                let keys = self
+                    .offline
+                    .range(seq_key(owner, 0)..=seq_key(owner, up_to_seq))
+                    .keys()
+                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .map_err(backend)?;
+                if keys.is_empty() {
+                    return Ok(());
+                }
                 let mut batch = ::sled::Batch::default();
                 for k in &keys {
                     batch.remove(k.as_ref());
                 }
                 self.offline.apply_batch(batch).map_err(backend)?;
-                // Counted again from what is left (a concurrent removal may have taken some of `keys`).
-                let left = self.offline.scan_prefix(owner_prefix(owner)).count();
-                q.count = u64::try_from(left).unwrap_or(u64::MAX);
+                q.count = q
+                    .count
+                    .saturating_sub(u64::try_from(keys.len()).unwrap_or(u64::MAX));
                 Ok(())
             })?;
         }
