@@ -262,7 +262,13 @@ impl Scanner {
                             quote: None,
                         }
                     }
-                    _ => {}
+                    _ => {
+                        // Nothing but '<' and '&' matters here: skip to the next one.
+                        let rest = buf.get(*pos..).unwrap_or_default();
+                        let skip = memchr::memchr2(b'<', b'&', rest).unwrap_or(rest.len());
+                        skip_to(pos, skip, mark, limits);
+                        continue;
+                    }
                 },
                 Lex::TagStart => match b {
                     b'/' => {
@@ -345,7 +351,12 @@ impl Scanner {
                             quote: Some(q),
                         }
                     }
-                    _ => {}
+                    _ => {
+                        let rest = buf.get(*pos..).unwrap_or_default();
+                        let skip = memchr::memchr3(q, b'<', b'&', rest).unwrap_or(rest.len());
+                        skip_to(pos, skip, mark, limits);
+                        continue;
+                    }
                 },
                 Lex::EndTag => match b {
                     b'>' => {
@@ -433,6 +444,14 @@ impl Scanner {
         }
         Ok(Scan::Incomplete)
     }
+}
+
+/// Moves `pos` over `skip` bytes that need no look, but not past the first byte that
+/// would make the unit too big: the scan loop reports that byte as it would have.
+fn skip_to(pos: &mut usize, skip: usize, mark: usize, limits: &ParserLimits) {
+    let limit = mark.saturating_add(limits.max_stanza_size);
+    // `skip` is at least 1: the byte at `pos` was looked at.
+    *pos = pos.saturating_add(skip.max(1)).min(limit.max(*pos + 1));
 }
 
 /// Namespace declarations of the stream header, in scope for every stanza.
@@ -782,10 +801,24 @@ fn check_decl(raw: &[u8]) -> Result<(), XmlError> {
 /// UTF-8 decoding plus the XML `Char` check (XML 1.0 §2.2).
 fn decode(raw: &[u8]) -> Result<&str, XmlError> {
     let text = std::str::from_utf8(raw).map_err(|_| nwf("invalid UTF-8"))?;
-    if let Some(c) = text.chars().find(|c| !is_xml_char(*c)) {
+    if let Some(c) = first_illegal_char(text) {
         return Err(nwf(format!("illegal character U+{:04X}", u32::from(c))));
     }
     Ok(text)
+}
+
+/// The first character of `text` that XML 1.0 does not allow (§2.2 [2]). In UTF-8 (which
+/// has no surrogates and nothing above U+10FFFF) those are the controls below U+0020 but
+/// tab, LF and CR, and U+FFFE and U+FFFF (EF BF BE, EF BF BF): bytes are enough to find them.
+fn first_illegal_char(text: &str) -> Option<char> {
+    let bytes = text.as_bytes();
+    let at = bytes.iter().enumerate().position(|(i, &b)| {
+        (b < 0x20 && !matches!(b, b'\t' | b'\n' | b'\r'))
+            || (b == 0xef
+                && bytes.get(i + 1) == Some(&0xbf)
+                && matches!(bytes.get(i + 2), Some(0xbe | 0xbf)))
+    })?;
+    text.get(at..)?.chars().next()
 }
 
 fn parse_header(raw: &[u8]) -> Result<(StreamHeader, HeaderCtx), XmlError> {
@@ -1523,6 +1556,9 @@ mod tests {
             "<message><body>&#xD800;</body></message>",
             "<message to='&#x1;'/>",
             "<message to='\u{C}'/>",
+            "<message><body>a\u{FFFE}</body></message>",
+            "<message to='\u{FFFF}'/>",
+            "<message><body>\u{7F}\u{FFFD}\u{10FFFF}\u{0}</body></message>",
             "<message><body>&#X41;</body></message>",
             "<message><body>&#;</body></message>",
             "<message><body>& amp;</body></message>",
@@ -1540,6 +1576,11 @@ mod tests {
             parse_all(&[b"\xFF\xFE<\x00s\x00"]),
             Err(XmlError::NotWellFormed(_))
         ));
+        // Characters next to the illegal ones are legal.
+        assert!(parse_one(&format!(
+            "{HEAD}<message a='\u{7F}\u{9F}\u{FFFD}\u{FFFC}\u{EFFF}'><body>\u{FFFD}\u{F8FF}\u{10000}\u{10FFFF}\t\n</body></message>"
+        ))
+        .is_ok());
         // Legal references still work.
         let evs = parse_one(&format!(
             "{HEAD}<message><body>&#65;&#x42;&#x0043;&#9;&quot;&apos;</body></message>"
@@ -1631,6 +1672,47 @@ mod tests {
             XmlError::TooBig.condition(),
             StreamErrorCondition::PolicyViolation
         );
+    }
+
+    #[test]
+    fn stanza_size_limit_is_exact_in_text_and_attributes() {
+        let limits = ParserLimits {
+            max_stanza_size: 200,
+            max_depth: 8,
+        };
+        let run = |stanza: &str, chunk: usize| {
+            let mut p = StreamParser::new(limits.clone());
+            p.feed(HEAD.as_bytes());
+            assert!(matches!(p.next_event(), Ok(Some(StreamEvent::Open(_)))));
+            let mut last = Ok(None);
+            for c in stanza.as_bytes().chunks(chunk) {
+                p.feed(c);
+                last = p.next_event();
+                if !matches!(last, Ok(None)) {
+                    break;
+                }
+            }
+            last
+        };
+        for (open, close) in [
+            ("<message><body>", "</body></message>"),
+            ("<message to='", "'/>"),
+        ] {
+            let fill =
+                |n: usize| format!("{open}{}{close}", "x".repeat(n - open.len() - close.len()));
+            for chunk in [1, 7, 64, 1000] {
+                let at_limit = run(&fill(200), chunk);
+                assert!(
+                    matches!(at_limit, Ok(Some(StreamEvent::Element(_)))),
+                    "{open} {chunk}: {at_limit:?}"
+                );
+                assert_eq!(
+                    run(&fill(201), chunk),
+                    Err(XmlError::TooBig),
+                    "{open} {chunk}"
+                );
+            }
+        }
     }
 
     #[test]
