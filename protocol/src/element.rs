@@ -357,6 +357,23 @@ pub(crate) fn is_xml_char(c: char) -> bool {
         | '\u{10000}'..='\u{10FFFF}')
 }
 
+/// The length in bytes of the character at `bytes[i]` if XML 1.0 does not allow it
+/// (§2.2 [2]). In UTF-8, which has no surrogates and nothing above U+10FFFF, those are
+/// the controls below U+0020 but tab, LF and CR (one byte), and U+FFFE and U+FFFF
+/// (EF BF BE, EF BF BF): bytes are enough to find them.
+#[inline]
+pub(crate) fn illegal_char_len(bytes: &[u8], i: usize) -> Option<usize> {
+    match bytes.get(i)? {
+        &b if b < 0x20 && !matches!(b, b'\t' | b'\n' | b'\r') => Some(1),
+        0xef if bytes.get(i + 1) == Some(&0xbf)
+            && matches!(bytes.get(i + 2), Some(0xbe | 0xbf)) =>
+        {
+            Some(3)
+        }
+        _ => None,
+    }
+}
+
 /// Characters that XML 1.0 cannot represent at all, not even as character
 /// references, are replaced by U+FFFD so the output stays well-formed.
 fn escape_into(s: &str, out: &mut Vec<u8>, attr: bool) {
@@ -380,20 +397,13 @@ fn escape_into(s: &str, out: &mut Vec<u8>, attr: bool) {
             // literal tabs and newlines into spaces.
             b'\t' if attr => (b"&#x9;", 1),
             b'\n' if attr => (b"&#xA;", 1),
-            b'\t' | b'\n' => {
-                i += 1;
-                continue;
-            }
-            0..=0x1f => ("\u{FFFD}".as_bytes(), 1),
-            0xef if bytes.get(i + 1) == Some(&0xbf)
-                && matches!(bytes.get(i + 2), Some(0xbe | 0xbf)) =>
-            {
-                ("\u{FFFD}".as_bytes(), 3)
-            }
-            _ => {
-                i += 1;
-                continue;
-            }
+            _ => match illegal_char_len(bytes, i) {
+                Some(len) => ("\u{FFFD}".as_bytes(), len),
+                None => {
+                    i += 1;
+                    continue;
+                }
+            },
         };
         out.extend_from_slice(bytes.get(run..i).unwrap_or_default());
         out.extend_from_slice(rep);

@@ -23,7 +23,7 @@
 //! ones are refused with `<restricted-xml/>`. Character references are checked
 //! against the XML `Char` production, so `&#0;` cannot smuggle a NUL in.
 
-use crate::element::{is_xml_char, Element};
+use crate::element::{illegal_char_len, is_xml_char, Element};
 use crate::error::StreamErrorCondition;
 use crate::ns;
 use quick_xml::events::{BytesStart, Event};
@@ -807,17 +807,10 @@ fn decode(raw: &[u8]) -> Result<&str, XmlError> {
     Ok(text)
 }
 
-/// The first character of `text` that XML 1.0 does not allow (§2.2 [2]). In UTF-8 (which
-/// has no surrogates and nothing above U+10FFFF) those are the controls below U+0020 but
-/// tab, LF and CR, and U+FFFE and U+FFFF (EF BF BE, EF BF BF): bytes are enough to find them.
+/// The first character of `text` that XML 1.0 does not allow.
 fn first_illegal_char(text: &str) -> Option<char> {
     let bytes = text.as_bytes();
-    let at = bytes.iter().enumerate().position(|(i, &b)| {
-        (b < 0x20 && !matches!(b, b'\t' | b'\n' | b'\r'))
-            || (b == 0xef
-                && bytes.get(i + 1) == Some(&0xbf)
-                && matches!(bytes.get(i + 2), Some(0xbe | 0xbf)))
-    })?;
+    let at = (0..bytes.len()).find(|&i| illegal_char_len(bytes, i).is_some())?;
     text.get(at..)?.chars().next()
 }
 
