@@ -174,7 +174,20 @@ pub fn write_loopback_config(
     top: &str,
     tables: &str,
 ) -> Result<()> {
-    let domain = crate::DOMAIN;
+    write_loopback_config_for(config, data, pki_dir, crate::DOMAIN, top, "", tables)
+}
+
+/// [`write_loopback_config`] for `domain` (its certificate `domain.pem`/`.key` in
+/// `pki_dir`), with `s2s` holding extra keys of the `[s2s]` table.
+pub fn write_loopback_config_for(
+    config: &Path,
+    data: &Path,
+    pki_dir: &Path,
+    domain: &str,
+    top: &str,
+    s2s: &str,
+    tables: &str,
+) -> Result<()> {
     let toml = format!(
         r#"domains = ["{domain}"]
 data_dir = "{data}"
@@ -187,6 +200,7 @@ tls_listen = []
 [s2s]
 listen = ["127.0.0.1:0"]
 tls_listen = []
+{s2s}
 
 [auth]
 scram_iterations = 4096

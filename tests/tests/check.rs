@@ -7,6 +7,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use anyhow::Result;
+use confab_tests::bin::write_loopback_config_for;
 use confab_tests::dns::TestDns;
 use confab_tests::*;
 
@@ -15,31 +16,13 @@ const B: &str = "b.test";
 
 /// Writes a config for a stopped `a.test` server using `dns` and the test CA.
 fn config_for_a(pki: &TestPki, dns: &TestDns, dir: &std::path::Path) -> Result<PathBuf> {
-    let toml = format!(
-        r#"domains = ["{A}"]
-data_dir = "{data}"
-[c2s]
-listen = ["127.0.0.1:0"]
-tls_listen = []
-[s2s]
-listen = ["127.0.0.1:0"]
-tls_listen = []
-use_system_roots = false
-ca_files = ["{ca}"]
-nameservers = ["{ns}"]
-connect_timeout_secs = 3
-[tls."{A}"]
-cert = "{cert}"
-key = "{key}"
-"#,
-        data = dir.join("data").display(),
+    let path = dir.join("confab.toml");
+    let s2s = format!(
+        "use_system_roots = false\nca_files = [\"{ca}\"]\nnameservers = [\"{ns}\"]\nconnect_timeout_secs = 3",
         ca = pki.dir.join("ca.pem").display(),
         ns = dns.addr,
-        cert = pki.dir.join(format!("{A}.pem")).display(),
-        key = pki.dir.join(format!("{A}.key")).display(),
     );
-    let path = dir.join("confab.toml");
-    std::fs::write(&path, toml)?;
+    write_loopback_config_for(&path, &dir.join("data"), &pki.dir, A, "", &s2s, "")?;
     Ok(path)
 }
 
