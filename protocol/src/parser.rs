@@ -810,6 +810,15 @@ fn decode(raw: &[u8]) -> Result<&str, XmlError> {
 /// The first character of `text` that XML 1.0 does not allow.
 fn first_illegal_char(text: &str) -> Option<char> {
     let bytes = text.as_bytes();
+    // Every illegal character starts with a control byte or 0xEF (U+FFFE, U+FFFF): a
+    // branch-free pass over the whole text (which the compiler vectorizes) finds none in
+    // nearly every stanza, and only a text that has one is searched byte by byte.
+    let suspect = bytes.iter().fold(false, |any, &b| {
+        any | (b < 0x20 && b != b'\t' && b != b'\n' && b != b'\r') | (b == 0xef)
+    });
+    if !suspect {
+        return None;
+    }
     let at = (0..bytes.len()).find(|&i| illegal_char_len(bytes, i).is_some())?;
     text.get(at..)?.chars().next()
 }
@@ -1100,7 +1109,12 @@ fn first_duplicate<'n>(names: &[&'n str]) -> Option<&'n str> {
 
 /// Splits `prefix:local`, checking both are NCNames.
 fn split_qname(qname: &str) -> Result<(Option<&str>, &str), XmlError> {
-    match qname.split_once(':') {
+    // ':' is ASCII: found as a byte, it is on a character boundary.
+    let split = qname
+        .bytes()
+        .position(|b| b == b':')
+        .and_then(|i| Some((qname.get(..i)?, qname.get(i + 1..)?)));
+    match split {
         Some((prefix, local)) => {
             check_ncname(prefix)?;
             check_ncname(local)?;
@@ -1131,6 +1145,18 @@ fn is_name_char(c: char) -> bool {
 }
 
 fn check_ncname(name: &str) -> Result<(), XmlError> {
+    // Nearly every name is ASCII: those are checked on bytes, the same rules restricted
+    // to ASCII; anything else (or an invalid name) goes through the full check.
+    let bytes = name.as_bytes();
+    let ascii = bytes
+        .first()
+        .is_some_and(|&b| b.is_ascii_alphabetic() || b == b'_')
+        && bytes
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+    if ascii {
+        return Ok(());
+    }
     let mut chars = name.chars();
     let valid = chars.next().is_some_and(is_name_start) && chars.all(is_name_char);
     if valid {
@@ -1193,8 +1219,15 @@ fn unescape(raw: &str, attr: bool) -> Result<String, XmlError> {
     let mut out = String::with_capacity(raw.len());
     let mut rest = raw;
     loop {
-        let special = |c: char| matches!(c, '&' | '\r' | '<') || (attr && matches!(c, '\t' | '\n'));
-        let Some(i) = rest.find(special) else {
+        // Every special character is ASCII, so a byte search finds it on a character
+        // boundary without decoding the text.
+        let found = if attr {
+            rest.bytes()
+                .position(|b| matches!(b, b'&' | b'\r' | b'<' | b'\t' | b'\n'))
+        } else {
+            memchr::memchr3(b'&', b'\r', b'<', rest.as_bytes())
+        };
+        let Some(i) = found else {
             out.push_str(rest);
             return Ok(out);
         };
@@ -2003,5 +2036,64 @@ mod tests {
         assert!(Element::parse("<a/>text").is_err());
         assert!(Element::parse("<a>").is_err());
         assert!(Element::parse("").is_err());
+    }
+
+    #[test]
+    fn names_checked_on_bytes_and_on_characters_agree() {
+        for ok in [
+            "a",
+            "_x",
+            "message",
+            "x-y.z_1",
+            "A9",
+            "\u{e9}l\u{e9}ment",
+            "a\u{b7}b",
+            "\u{4e2d}",
+        ] {
+            assert!(check_ncname(ok).is_ok(), "{ok:?} is a name");
+        }
+        for bad in [
+            "", "1a", "-a", ".a", "a:b", "a b", "a\u{d7}", "a/", "\u{b7}a",
+        ] {
+            assert!(check_ncname(bad).is_err(), "{bad:?} is not a name");
+        }
+        assert!(matches!(split_qname("p:local"), Ok((Some("p"), "local"))));
+        assert!(matches!(split_qname("local"), Ok((None, "local"))));
+        for bad in [":a", "a:", "a:b:c", "1:a"] {
+            assert!(split_qname(bad).is_err(), "{bad:?} is not a qualified name");
+        }
+    }
+
+    #[test]
+    fn illegal_characters_are_found_past_legal_lookalikes() {
+        // U+FF01 and U+FFFD start with 0xEF like the illegal U+FFFE and U+FFFF.
+        assert_eq!(first_illegal_char("tab\tnl\ncr\r \u{ff01}\u{fffd}"), None);
+        assert_eq!(first_illegal_char("\u{ff01}x\u{fffe}"), Some('\u{fffe}'));
+        assert_eq!(first_illegal_char("ok \u{ffff}"), Some('\u{ffff}'));
+        assert_eq!(first_illegal_char("a\u{1}b"), Some('\u{1}'));
+        assert_eq!(
+            first_illegal_char(&format!("{}\u{1f}", "x".repeat(100))),
+            Some('\u{1f}')
+        );
+        assert_eq!(first_illegal_char(""), None);
+    }
+
+    #[test]
+    fn unescaping_finds_specials_among_multibyte_text() {
+        assert_eq!(
+            unescape("\u{e9}&amp;\u{263a}", false).ok().as_deref(),
+            Some("\u{e9}&\u{263a}")
+        );
+        assert_eq!(
+            unescape("\u{e9}\r\n\u{e9}\r", false).ok().as_deref(),
+            Some("\u{e9}\n\u{e9}\n")
+        );
+        assert_eq!(
+            unescape("a\tb\nc\r\nd", true).ok().as_deref(),
+            Some("a b c d")
+        );
+        assert_eq!(unescape("a\tb", false).ok().as_deref(), Some("a\tb"));
+        assert!(unescape("\u{e9}<", true).is_err());
+        assert!(unescape("\u{e9}&amp", false).is_err());
     }
 }
