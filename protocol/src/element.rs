@@ -364,7 +364,7 @@ pub(crate) fn is_xml_char(c: char) -> bool {
 #[inline]
 pub(crate) fn illegal_char_len(bytes: &[u8], i: usize) -> Option<usize> {
     match bytes.get(i)? {
-        &b if b < 0x20 && !matches!(b, b'\t' | b'\n' | b'\r') => Some(1),
+        &b if is_forbidden_control(b) => Some(1),
         0xef if bytes.get(i + 1) == Some(&0xbf)
             && matches!(bytes.get(i + 2), Some(0xbe | 0xbf)) =>
         {
@@ -372,6 +372,12 @@ pub(crate) fn illegal_char_len(bytes: &[u8], i: usize) -> Option<usize> {
         }
         _ => None,
     }
+}
+
+/// A control byte XML 1.0 forbids: everything below U+0020 but tab, LF and CR.
+#[inline]
+pub(crate) fn is_forbidden_control(b: u8) -> bool {
+    b < 0x20 && !matches!(b, b'\t' | b'\n' | b'\r')
 }
 
 /// Characters that XML 1.0 cannot represent at all, not even as character

@@ -23,7 +23,7 @@
 //! ones are refused with `<restricted-xml/>`. Character references are checked
 //! against the XML `Char` production, so `&#0;` cannot smuggle a NUL in.
 
-use crate::element::{illegal_char_len, is_xml_char, Element};
+use crate::element::{illegal_char_len, is_forbidden_control, is_xml_char, Element};
 use crate::error::StreamErrorCondition;
 use crate::ns;
 use quick_xml::events::{BytesStart, Event};
@@ -813,9 +813,9 @@ fn first_illegal_char(text: &str) -> Option<char> {
     // Every illegal character starts with a control byte or 0xEF (U+FFFE, U+FFFF): a
     // branch-free pass over the whole text (which the compiler vectorizes) finds none in
     // nearly every stanza, and only a text that has one is searched byte by byte.
-    let suspect = bytes.iter().fold(false, |any, &b| {
-        any | (b < 0x20 && b != b'\t' && b != b'\n' && b != b'\r') | (b == 0xef)
-    });
+    let suspect = bytes
+        .iter()
+        .fold(false, |any, &b| any | is_forbidden_control(b) | (b == 0xef));
     if !suspect {
         return None;
     }
@@ -1145,18 +1145,6 @@ fn is_name_char(c: char) -> bool {
 }
 
 fn check_ncname(name: &str) -> Result<(), XmlError> {
-    // Nearly every name is ASCII: those are checked on bytes, the same rules restricted
-    // to ASCII; anything else (or an invalid name) goes through the full check.
-    let bytes = name.as_bytes();
-    let ascii = bytes
-        .first()
-        .is_some_and(|&b| b.is_ascii_alphabetic() || b == b'_')
-        && bytes
-            .iter()
-            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
-    if ascii {
-        return Ok(());
-    }
     let mut chars = name.chars();
     let valid = chars.next().is_some_and(is_name_start) && chars.all(is_name_char);
     if valid {
@@ -2039,7 +2027,7 @@ mod tests {
     }
 
     #[test]
-    fn names_checked_on_bytes_and_on_characters_agree() {
+    fn names_follow_the_ncname_rules_in_and_beyond_ascii() {
         for ok in [
             "a",
             "_x",
