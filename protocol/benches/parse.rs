@@ -4,27 +4,34 @@
 //!     cargo bench -p confab-protocol --bench parse
 //!     cargo bench -p confab-protocol --bench parse -- --messages 500000 --per-read 1
 //!
-//! Options: `--messages N` (200,000), `--per-read N` (messages handed to the parser at once, 50).
+//! Options: `--help`.
 
 use std::time::Instant;
 
+use clap::Parser;
 use confab_protocol::{ns, ParserLimits, StreamEvent, StreamParser};
 
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+#[derive(Parser)]
+struct Args {
+    /// Messages to parse.
+    #[arg(long, default_value_t = 200_000)]
+    messages: usize,
+    /// Messages handed to the parser at once.
+    #[arg(long, default_value_t = 50)]
+    per_read: usize,
+    /// Passed by `cargo bench`.
+    #[arg(long, hide = true)]
+    bench: bool,
 }
 
 fn main() {
-    let messages = arg("--messages", 200_000);
-    let per_read = arg("--per-read", 50).max(1);
+    let Args {
+        messages, per_read, ..
+    } = Args::parse();
+    let per_read = per_read.max(1);
     let header = "<?xml version='1.0'?><stream:stream xmlns='jabber:client' \
         xmlns:stream='http://etherx.jabber.org/streams' to='localhost' version='1.0'>";
     let chunks: Vec<Vec<u8>> = (0..messages.div_ceil(per_read))

@@ -5,32 +5,49 @@
 //!     cargo bench -p confab-storage --bench offline_push
 //!     taskset -c 0 cargo bench -p confab-storage --bench offline_push -- --messages 400000
 //!
-//! Options: `--messages N` (200,000), `--owners N` (2,000), `--writers N` (64, each syncing
-//! after every `--batch N` pushes, 50), `--size N` (bytes per message, 250).
+//! Options: `--help`.
 
 use std::sync::Arc;
 use std::time::Instant;
 
+use clap::Parser;
 use confab_storage::{OfflineStore, SledStorage, Storage, SyncPoint};
 
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+#[derive(Parser)]
+struct Args {
+    /// Messages to push in all.
+    #[arg(long, default_value_t = 200_000)]
+    messages: usize,
+    /// Owners the messages are spread over.
+    #[arg(long, default_value_t = 2_000)]
+    owners: usize,
+    /// Concurrent writers.
+    #[arg(long, default_value_t = 64)]
+    writers: usize,
+    /// Pushes a writer makes before each sync.
+    #[arg(long, default_value_t = 50)]
+    batch: usize,
+    /// Bytes per message.
+    #[arg(long, default_value_t = 250)]
+    size: usize,
+    /// Passed by `cargo bench`.
+    #[arg(long, hide = true)]
+    bench: bool,
 }
 
 fn main() {
-    let messages = arg("--messages", 200_000);
-    let owners = arg("--owners", 2_000).max(1);
-    let writers = arg("--writers", 64).max(1);
-    let batch = arg("--batch", 50).max(1);
-    let size = arg("--size", 250);
+    let Args {
+        messages,
+        owners,
+        writers,
+        batch,
+        size,
+        ..
+    } = Args::parse();
+    let (owners, writers, batch) = (owners.max(1), writers.max(1), batch.max(1));
     let dir = tempfile::tempdir().expect("temporary directory");
     let store = Arc::new(SledStorage::open(dir.path()).expect("open the store"));
     let runtime = tokio::runtime::Builder::new_current_thread()
