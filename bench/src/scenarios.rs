@@ -238,47 +238,41 @@ pub struct ChatArgs {
 /// How often the open loop's pacing thread wakes.
 const PACE_TICK: Duration = Duration::from_micros(100);
 
-/// Open-loop pacing finer than tokio's millisecond timer. A thread wakes every
-/// [`PACE_TICK`] and tells each sender how many messages it should have sent by then;
-/// sender `p` runs `p / pairs` of its interval behind the first, so the senders write
+/// Open-loop pacing finer than tokio's millisecond timer: one slot per sender. A thread
+/// wakes every [`PACE_TICK`] and tells each sender how many messages it should have sent by
+/// then; sender `p` runs `p / pairs` of its interval behind the first, so the senders write
 /// spread over time as independent clients would, not all at once on a timer tick.
-struct Pacer {
-    slots: Vec<Arc<PaceSlot>>,
-}
-
 struct PaceSlot {
     /// Messages due from this sender since the start.
     due: AtomicU64,
     wake: tokio::sync::Notify,
 }
 
-impl Pacer {
-    fn start(pairs: usize, per_pair: f64, end: Instant) -> Pacer {
-        let slots: Vec<Arc<PaceSlot>> = (0..pairs)
-            .map(|_| {
-                Arc::new(PaceSlot {
-                    due: AtomicU64::new(0),
-                    wake: tokio::sync::Notify::new(),
-                })
+fn start_pacer(pairs: usize, per_pair: f64, end: Instant) -> Vec<Arc<PaceSlot>> {
+    let slots: Vec<Arc<PaceSlot>> = (0..pairs)
+        .map(|_| {
+            Arc::new(PaceSlot {
+                due: AtomicU64::new(0),
+                wake: tokio::sync::Notify::new(),
             })
-            .collect();
-        let shared = slots.clone();
-        std::thread::spawn(move || {
-            let started = Instant::now();
-            while Instant::now() < end {
-                std::thread::sleep(PACE_TICK);
-                let t = started.elapsed().as_secs_f64() * per_pair;
-                for (p, slot) in shared.iter().enumerate() {
-                    let due = (t + p as f64 / pairs as f64) as u64;
-                    if due > slot.due.load(Ordering::Relaxed) {
-                        slot.due.store(due, Ordering::Release);
-                        slot.wake.notify_one();
-                    }
+        })
+        .collect();
+    let shared = slots.clone();
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        while Instant::now() < end {
+            std::thread::sleep(PACE_TICK);
+            let t = started.elapsed().as_secs_f64() * per_pair;
+            for (p, slot) in shared.iter().enumerate() {
+                let due = (t + p as f64 / pairs as f64) as u64;
+                if due > slot.due.load(Ordering::Relaxed) {
+                    slot.due.store(due, Ordering::Release);
+                    slot.wake.notify_one();
                 }
             }
-        });
-        Pacer { slots }
-    }
+        }
+    });
+    slots
 }
 
 fn now_ns() -> u64 {
@@ -334,7 +328,7 @@ pub async fn chat(t: &TargetArgs, target: Target, a: ChatArgs) -> Result<()> {
     let mut receivers = JoinSet::new();
     let mut senders = JoinSet::new();
     let mut it = sessions.into_iter();
-    let pacer = a.rate.map(|r| Pacer::start(pairs, r / pairs as f64, end));
+    let pace = a.rate.map(|r| start_pacer(pairs, r / pairs as f64, end));
     for p in 0..pairs {
         let (Some(from), Some(to)) = (it.next(), it.next()) else {
             bail!("fewer sessions than pairs");
@@ -397,7 +391,7 @@ pub async fn chat(t: &TargetArgs, target: Target, a: ChatArgs) -> Result<()> {
         let sent = sent.clone();
         let prefix = format!("<message to='{to_jid}' type='chat'><body>#T");
         let suffix = format!("# {filler}</body></message>");
-        let due = pacer.as_ref().and_then(|pc| pc.slots.get(p).cloned());
+        let due = pace.as_ref().and_then(|slots| slots.get(p).cloned());
         senders.spawn(async move {
             let mut buf = Vec::with_capacity(64 * 1024);
             let mut count = 0u64;
