@@ -223,26 +223,46 @@ impl SaslError {
     /// RFC 6120 §6.5 failure condition element name.
     pub fn condition(&self) -> &'static str {
         match self {
+            // A request the mechanism cannot take, the channel-binding type or flag
+            // included: the client's choice, not its credentials (RFC 5802 §5.1, §6).
             SaslError::MalformedRequest(_)
             | SaslError::ChannelBindingRequired
+            | SaslError::ChannelBindingNotSupported
+            | SaslError::UnsupportedChannelBinding
             | SaslError::UnsupportedExtension
             | SaslError::InvalidPassword
             | SaslError::OutOfOrder => "malformed-request",
             SaslError::IncorrectEncoding => "incorrect-encoding",
             SaslError::InvalidMechanism => "invalid-mechanism",
             SaslError::InvalidAuthzid => "invalid-authzid",
+            // RFC 5802 §6: "y" while we offer -PLUS MUST fail authentication.
             SaslError::NotAuthorized
             | SaslError::NonceMismatch
             | SaslError::ChannelBindingMismatch
             | SaslError::Downgrade
-            | SaslError::ChannelBindingNotSupported
-            | SaslError::UnsupportedChannelBinding
             | SaslError::ServerError(_)
             | SaslError::ServerSignatureMismatch => "not-authorized",
             SaslError::InvalidIterations(_) | SaslError::TemporaryAuthFailure => {
                 "temporary-auth-failure"
             }
         }
+    }
+}
+
+impl SaslError {
+    /// Whether the failure tested the client's credentials (a proof, a password, data
+    /// bound into the proof), as opposed to the mechanism, the channel-binding type or
+    /// the message's syntax. Only the former count as a guess against login limits: a
+    /// client that picked a binding we lack has guessed nothing and goes on to its next
+    /// mechanism (RFC 6120 §6.4.5 lets it retry).
+    pub fn is_credential_failure(&self) -> bool {
+        matches!(
+            self,
+            SaslError::NotAuthorized
+                | SaslError::NonceMismatch
+                | SaslError::ChannelBindingMismatch
+                | SaslError::InvalidPassword
+        )
     }
 }
 
@@ -1963,6 +1983,26 @@ mod tests {
             "malformed-request"
         );
         assert_eq!(SaslError::NotAuthorized.condition(), "not-authorized");
+        assert_eq!(
+            SaslError::UnsupportedChannelBinding.condition(),
+            "malformed-request"
+        );
+        assert_eq!(
+            SaslError::ChannelBindingNotSupported.condition(),
+            "malformed-request"
+        );
+        assert!(SaslError::NotAuthorized.is_credential_failure());
+        assert!(SaslError::ChannelBindingMismatch.is_credential_failure());
+        for not_a_guess in [
+            SaslError::UnsupportedChannelBinding,
+            SaslError::ChannelBindingRequired,
+            SaslError::ChannelBindingNotSupported,
+            SaslError::Downgrade,
+            SaslError::InvalidMechanism,
+            SaslError::MalformedRequest("x"),
+        ] {
+            assert!(!not_a_guess.is_credential_failure(), "{not_a_guess:?}");
+        }
         assert_eq!(SaslError::InvalidAuthzid.condition(), "invalid-authzid");
         assert_eq!(SaslError::InvalidMechanism.condition(), "invalid-mechanism");
         assert_eq!(

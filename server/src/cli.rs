@@ -246,6 +246,7 @@ fn check_config(config: &Config) -> Vec<Finding> {
         "configuration is valid; domains: {}",
         config.domains.join(", ")
     ))];
+    f.extend(config.derived.iter().map(|d| Finding::ok(d.clone())));
     let mut problems = Vec::new();
     for domain in &config.domains {
         let loc = crate::certs::location(config, domain);
@@ -269,7 +270,7 @@ async fn check(config: Config, what: Option<CheckCommand>) -> anyhow::Result<()>
         None => {
             // The certificate section says more than `check config`'s loading line.
             let mut f = check_config(&config);
-            f.truncate(1);
+            f.truncate(1 + config.derived.len());
             f.extend(crate::certs::check(&config, None)?);
             f
         }

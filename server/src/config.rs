@@ -41,6 +41,10 @@ pub struct Config {
     /// Certificate and key per domain; domains without an entry get a self-signed
     /// certificate generated into `data_dir/certs/` on first start.
     pub tls: BTreeMap<String, TlsFiles>,
+    /// Defaults the server derived from other keys (see [`Config::parse_str`]), said at
+    /// start and by `confab check config` so an operator sees where it listens and why.
+    #[serde(skip)]
+    pub derived: Vec<String>,
 }
 
 /// The form of log lines (`log_format`).
@@ -164,6 +168,7 @@ impl Default for Config {
             limits: Limits::default(),
             metrics: MetricsConfig::default(),
             tls: BTreeMap::new(),
+            derived: Vec::new(),
         }
     }
 }
@@ -275,8 +280,58 @@ impl Config {
                 },
             }
         })?;
+        // The file parsed, so it is a table; the raw form tells which keys were given.
+        let raw: toml::Table = toml::from_str(text).unwrap_or_default();
+        config.derive_tls_listen(&raw);
         config.normalize()?;
         Ok(config)
+    }
+
+    /// Direct TLS follows the operator's `listen`: a config that sets `[c2s] listen` (or
+    /// `[s2s] listen`) but not `tls_listen` gets direct-TLS listeners on the same
+    /// addresses at the direct-TLS port (5223 / 5270; port 0 stays 0), not the default's
+    /// wildcard address, which would open every interface and collide with a second
+    /// instance bound elsewhere. `tls_listen = []` turns direct TLS off.
+    fn derive_tls_listen(&mut self, raw: &toml::Table) {
+        let given = |section: &str, key: &str| {
+            raw.get(section)
+                .and_then(toml::Value::as_table)
+                .is_some_and(|t| t.contains_key(key))
+        };
+        for (section, port) in [("c2s", 5223u16), ("s2s", 5270)] {
+            if !given(section, "listen") || given(section, "tls_listen") {
+                continue;
+            }
+            let (listen, tls_listen) = match section {
+                "c2s" => (&self.c2s.listen, &mut self.c2s.tls_listen),
+                _ => (&self.s2s.listen, &mut self.s2s.tls_listen),
+            };
+            let mut derived: Vec<String> = Vec::new();
+            for addr in listen {
+                // A malformed address is reported by normalize(); derive nothing from it.
+                let Ok(mut a) = addr.parse::<SocketAddr>() else {
+                    continue;
+                };
+                if a.port() != 0 {
+                    a.set_port(port);
+                }
+                let a = a.to_string();
+                if !derived.contains(&a) {
+                    derived.push(a);
+                }
+            }
+            self.derived.push(format!(
+                "{section}.tls_listen is not set: direct TLS on {} (the addresses of \
+                 {section}.listen at port {port}); set {section}.tls_listen to change it, \
+                 or to [] to turn it off",
+                if derived.is_empty() {
+                    "no address".to_string()
+                } else {
+                    derived.join(", ")
+                }
+            ));
+            *tls_listen = derived;
+        }
     }
 
     /// Prepares domain names and checks values that serde cannot.
@@ -452,6 +507,33 @@ mod tests {
         assert_eq!(c.domains, vec!["localhost"]);
         assert!(c.c2s.require_encryption);
         assert_eq!(c.limits.max_stanza_size, 262_144);
+    }
+
+    #[test]
+    fn direct_tls_follows_the_configured_listen_address() {
+        // Neither set: the documented wildcard defaults, nothing derived.
+        let c = Config::parse_str("").unwrap();
+        assert_eq!(c.c2s.tls_listen, ["[::]:5223"]);
+        assert_eq!(c.s2s.tls_listen, ["[::]:5270"]);
+        assert!(c.derived.is_empty());
+        // listen set, tls_listen not: same addresses at the direct-TLS port.
+        let c = Config::parse_str(
+            "[c2s]\nlisten = [\"127.0.0.2:15222\", \"[::1]:15222\"]\n[s2s]\nlisten = [\"127.0.0.2:0\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.c2s.tls_listen, ["127.0.0.2:5223", "[::1]:5223"]);
+        assert_eq!(c.s2s.tls_listen, ["127.0.0.2:0"]);
+        assert_eq!(c.derived.len(), 2, "{:?}", c.derived);
+        assert!(c.derived[0].contains("127.0.0.2:5223"), "{:?}", c.derived);
+        // Both set: the operator's choice, including none at all.
+        let c =
+            Config::parse_str("[c2s]\nlisten = [\"127.0.0.2:5222\"]\ntls_listen = []\n").unwrap();
+        assert!(c.c2s.tls_listen.is_empty());
+        assert_eq!(c.s2s.tls_listen, ["[::]:5270"]);
+        assert!(c.derived.is_empty());
+        // An empty listen derives no direct-TLS listener either.
+        let c = Config::parse_str("[c2s]\nlisten = []\n").unwrap();
+        assert!(c.c2s.tls_listen.is_empty());
     }
 
     #[test]

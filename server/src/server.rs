@@ -277,6 +277,9 @@ impl RunningServer {
         let mut tasks = Vec::new();
         let (mut s2s_addrs, mut s2s_tls_addrs) = (Vec::new(), Vec::new());
         let config = server.config();
+        for note in &config.derived {
+            tracing::info!("{note}");
+        }
         if config.s2s.enabled {
             let fed_config = config.federation().map_err(StartError::FederationIo)?;
             let host = Arc::new(FederationHost(Arc::downgrade(&server)));

@@ -432,7 +432,8 @@ async fn three_failures_close_the_stream_with_policy_violation() -> Result<()> {
         c.expect_closed().await?,
         Closed::StreamError("policy-violation".into())
     );
-    // Mixed kinds of failure count too.
+    // Wrong credentials of any mechanism count; refusals that tested no credential
+    // (an unknown mechanism, bad base64) do not.
     let mut c = tls_client(&server).await?;
     c.send(&auth("NOPE", b"x")).await?;
     assert_eq!(condition(&c.next().await?)?, "invalid-mechanism");
@@ -443,8 +444,87 @@ async fn three_failures_close_the_stream_with_policy_violation() -> Result<()> {
     )
     .await?;
     assert_eq!(condition(&c.next().await?)?, "incorrect-encoding");
-    let err = c.authenticate_plain("bob", "wrong").await.unwrap_err();
+    for _ in 0..2 {
+        let err = c.authenticate_plain("bob", "wrong").await.unwrap_err();
+        assert_eq!(failure_of(&err), Some("not-authorized"));
+    }
+    let err = c
+        .authenticate(ScramHash::Sha1, false, "bob", "wrong")
+        .await
+        .unwrap_err();
     assert_eq!(failure_of(&err), Some("not-authorized"));
+    assert_eq!(
+        c.expect_closed().await?,
+        Closed::StreamError("policy-violation".into())
+    );
+    assert_serving(&server).await
+}
+
+/// What slixmpp 1.8 sends over TLS 1.3: a -PLUS mechanism bound to `tls-unique`, which
+/// TLS 1.3 does not define. The refusal says which types we support, and it is not a
+/// failed login: more of them than the per-stream (3) and per-address (10 a minute)
+/// limits allow leave the stream open and the right password still works on it.
+#[tokio::test]
+async fn an_unsupported_channel_binding_type_is_not_a_failed_login() -> Result<()> {
+    let server = start().await?;
+    let mut c = tls_client(&server).await?;
+    for mechanism in [
+        "SCRAM-SHA-512-PLUS",
+        "SCRAM-SHA-256-PLUS",
+        "SCRAM-SHA-1-PLUS",
+    ]
+    .iter()
+    .cycle()
+    .take(12)
+    {
+        c.send(&auth(
+            mechanism,
+            b"p=tls-unique,,n=alice,r=fyko+d2lbbFgONRv9qkxdawL",
+        ))
+        .await?;
+        let failure = c.next().await?;
+        assert_eq!(condition(&failure)?, "malformed-request", "{failure}");
+        let text = failure
+            .get_child("text", ns::SASL)
+            .map(Element::text)
+            .unwrap_or_default();
+        assert!(
+            text.contains("tls-exporter") && text.contains("tls-server-end-point"),
+            "{failure}"
+        );
+    }
+    // The flag "y" while we offer -PLUS is still refused (RFC 5802 §6), and says why.
+    let mut scram = ScramClient::new(
+        ScramHash::Sha256,
+        "alice",
+        "wonderland",
+        ClientBinding::SupportedButNotUsed,
+    );
+    c.send(&auth("SCRAM-SHA-256", &scram.client_first()))
+        .await?;
+    let failure = c.next().await?;
+    assert_eq!(condition(&failure)?, "not-authorized", "{failure}");
+    assert!(
+        failure
+            .to_string()
+            .contains("server-does-support-channel-binding"),
+        "{failure}"
+    );
+    c.authenticate(ScramHash::Sha256, false, "alice", "wonderland")
+        .await?;
+    assert_serving(&server).await
+}
+
+/// Refusals that test no credential are bounded too: a client that keeps choosing what we
+/// do not offer is closed after a few rounds of our whole list.
+#[tokio::test]
+async fn endless_refused_attempts_close_the_stream() -> Result<()> {
+    let server = start().await?;
+    let mut c = tls_client(&server).await?;
+    for _ in 0..16 {
+        c.send(&auth("NOPE", b"x")).await?;
+        assert_eq!(condition(&c.next().await?)?, "invalid-mechanism");
+    }
     assert_eq!(
         c.expect_closed().await?,
         Closed::StreamError("policy-violation".into())

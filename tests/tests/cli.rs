@@ -396,3 +396,69 @@ async fn reload_swaps_certificates_and_refuses_a_bad_config() -> anyhow::Result<
     let _ = tokio::time::timeout(TIMEOUT, drain).await?;
     Ok(())
 }
+
+/// A config that names only `listen` gets its direct-TLS listeners on the same address
+/// (port 0 stays 0 here), not on every interface: two instances bound to loopback run side
+/// by side, and each says where direct TLS went and why.
+#[tokio::test]
+async fn direct_tls_listens_where_listen_was_configured() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = TestPki::create(dir.path(), &[DOMAIN])?;
+    let mut running = Vec::new();
+    for n in 0..2 {
+        let config = dir.path().join(format!("confab{n}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "domains = [\"{DOMAIN}\"]\ndata_dir = \"{data}\"\n\
+                 [c2s]\nlisten = [\"127.0.0.1:0\"]\n[s2s]\nlisten = [\"127.0.0.1:0\"]\n\
+                 [tls.\"{DOMAIN}\"]\ncert = \"{cert}\"\nkey = \"{key}\"\n",
+                data = dir.path().join(format!("data{n}")).display(),
+                cert = dir.path().join(format!("{DOMAIN}.pem")).display(),
+                key = dir.path().join(format!("{DOMAIN}.key")).display(),
+            ),
+        )?;
+        running.push(spawn_serve(&config).await?);
+    }
+    for served in &running {
+        let listening: Vec<&String> = served
+            .log
+            .iter()
+            .filter(|l| l.contains("listening for"))
+            .collect();
+        // c2s and s2s, each plain and direct TLS.
+        assert_eq!(listening.len(), 4, "{:#?}", served.log);
+        for line in &listening {
+            assert!(line.contains("addr=127.0.0.1:"), "{line}");
+        }
+        assert_eq!(
+            listening
+                .iter()
+                .filter(|l| l.contains("direct_tls=true"))
+                .count(),
+            2,
+            "{listening:#?}"
+        );
+        assert!(
+            served
+                .log
+                .iter()
+                .any(|l| l.contains("c2s.tls_listen is not set")),
+            "{:#?}",
+            served.log
+        );
+        // Direct TLS really is there: a TLS client gets a stream on it.
+        let line = listening
+            .iter()
+            .find(|l| l.contains("listening for clients") && l.contains("direct_tls=true"))
+            .expect("direct-TLS client listener");
+        let addr: std::net::SocketAddr = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="))
+            .expect("addr=")
+            .parse()?;
+        let c = Client::connect_tls(addr, &pki).await?;
+        assert!(c.is_tls() && c.features.is_some());
+    }
+    Ok(())
+}

@@ -42,8 +42,17 @@ pub fn channel_binding_element(exporter: bool) -> Element {
     e
 }
 
-pub fn failure(condition: &str) -> Element {
-    Element::new("failure", ns::SASL).with_child(Element::new(condition, ns::SASL))
+/// `<failure/>` with its condition and, where there is more to say, a text (RFC 6120 §6.5).
+pub fn failure(condition: &str, text: Option<&str>) -> Element {
+    let mut e = Element::new("failure", ns::SASL).with_child(Element::new(condition, ns::SASL));
+    if let Some(text) = text {
+        e.append_child(
+            Element::new("text", ns::SASL)
+                .with_attr("xml:lang", "en")
+                .with_text(text),
+        );
+    }
+    e
 }
 
 #[cfg(test)]

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use confab_protocol::sasl::{
-    decode_payload, encode_payload, parse_plain, verify_password, ChannelBindings, ScramHash,
-    ScramKeys, ScramServer,
+    decode_payload, encode_payload, parse_plain, verify_password, ChannelBindings, SaslError,
+    ScramHash, ScramKeys, ScramServer,
 };
 use confab_protocol::{
     ns, Element, ParserLimits, StanzaErrorCondition, StreamError, StreamErrorCondition as SErr,
@@ -58,8 +58,73 @@ impl End {
 
 enum Sasl {
     Success { bare: String, data: Option<Vec<u8>> },
-    Failure(&'static str),
+    Failure(Refusal),
 }
+
+/// A failed SASL attempt: the RFC 6120 §6.5 condition, a text for the client, and whether
+/// it tested the client's credentials. Only a tested credential counts against the
+/// per-stream and per-address login limits; a mechanism or channel-binding type the
+/// client chose that we cannot serve is answered and the client goes on to its next
+/// mechanism (RFC 6120 §6.4.5).
+struct Refusal {
+    condition: &'static str,
+    text: Option<String>,
+    guess: bool,
+}
+
+impl Refusal {
+    /// Wrong credentials.
+    fn guess(condition: &'static str) -> Sasl {
+        Sasl::Failure(Refusal {
+            condition,
+            text: None,
+            guess: true,
+        })
+    }
+
+    /// Anything that tested no credential.
+    fn protocol(condition: &'static str, text: Option<String>) -> Sasl {
+        Sasl::Failure(Refusal {
+            condition,
+            text,
+            guess: false,
+        })
+    }
+
+    /// A failure of a SASL step, with a text that says what to do instead.
+    fn of(e: &SaslError, bindings: &ChannelBindings) -> Sasl {
+        if e.is_credential_failure() {
+            return Refusal::guess(e.condition());
+        }
+        let supported = || {
+            let mut types = Vec::new();
+            if bindings.tls_exporter.is_some() {
+                types.push("tls-exporter");
+            }
+            if bindings.tls_server_end_point.is_some() {
+                types.push("tls-server-end-point");
+            }
+            types.join(", ")
+        };
+        let text = match e {
+            SaslError::UnsupportedChannelBinding => format!(
+                "unsupported channel-binding type; this server supports: {} (XEP-0440)",
+                supported()
+            ),
+            // RFC 5802 §7's server-error value, then what to do.
+            SaslError::Downgrade => format!(
+                "server-does-support-channel-binding: use a -PLUS mechanism with {}",
+                supported()
+            ),
+            other => other.to_string(),
+        };
+        Refusal::protocol(e.condition(), Some(text))
+    }
+}
+
+/// SASL attempts on one stream that tested no credential before it is closed: enough to
+/// walk every mechanism we offer twice, few enough that nobody loops on us.
+const MAX_SASL_REFUSALS_PER_STREAM: u32 = 16;
 
 struct C2sStream {
     server: Arc<Server>,
@@ -72,6 +137,8 @@ struct C2sStream {
     /// The authenticated account's bare JID.
     authenticated: Option<String>,
     auth_failures: u32,
+    /// SASL attempts refused without testing a credential (see [`Refusal`]).
+    sasl_refusals: u32,
     /// Writes of this client's stanzas that must be durable before we write anything
     /// more to it (crate::durability).
     unsynced: SyncPoint,
@@ -117,6 +184,7 @@ pub(super) async fn run(server: Arc<Server>, tcp: TcpStream, peer: SocketAddr, d
         domain: None,
         authenticated: None,
         auth_failures: 0,
+        sasl_refusals: 0,
         unsynced: SyncPoint::DURABLE,
     };
     let login_timeout = Duration::from_secs(server.config().limits.login_timeout_secs);
@@ -465,11 +533,14 @@ impl C2sStream {
         }
         let tls = self.conn.is_tls();
         let outcome = if !tls && self.server.config().c2s.require_encryption {
-            Sasl::Failure("encryption-required")
+            Refusal::protocol("encryption-required", None)
         } else {
             let mechanism = auth.attr("mechanism").unwrap_or("").to_string();
             if !mechanisms(tls).contains(&mechanism.as_str()) {
-                Sasl::Failure("invalid-mechanism")
+                Refusal::protocol(
+                    "invalid-mechanism",
+                    Some(format!("offered: {}", mechanisms(tls).join(" "))),
+                )
             } else {
                 let text = auth.text();
                 let initial = match text.trim() {
@@ -477,7 +548,12 @@ impl C2sStream {
                     t => match decode_payload(t) {
                         Ok(d) => Some(d),
                         Err(_) => {
-                            return self.sasl_failed("incorrect-encoding").await;
+                            let refusal = Refusal {
+                                condition: "incorrect-encoding",
+                                text: None,
+                                guess: false,
+                            };
+                            return self.sasl_failed(refusal).await;
                         }
                     },
                 };
@@ -486,7 +562,7 @@ impl C2sStream {
                 } else {
                     match ScramHash::from_mechanism(&mechanism) {
                         Some((hash, plus)) => self.sasl_scram(hash, plus, initial).await?,
-                        None => Sasl::Failure("invalid-mechanism"),
+                        None => Refusal::protocol("invalid-mechanism", None),
                     }
                 }
             }
@@ -504,30 +580,42 @@ impl C2sStream {
                 self.header_sent = false;
                 Ok(true)
             }
-            Sasl::Failure(condition) => self.sasl_failed(condition).await,
+            Sasl::Failure(refusal) => self.sasl_failed(refusal).await,
         }
     }
 
-    async fn sasl_failed(&mut self, condition: &'static str) -> Result<bool, End> {
-        self.write_element(&failure(condition)).await?;
-        if condition != "aborted" {
+    async fn sasl_failed(&mut self, refusal: Refusal) -> Result<bool, End> {
+        let Refusal {
+            condition,
+            text,
+            guess,
+        } = refusal;
+        self.write_element(&failure(condition, text.as_deref()))
+            .await?;
+        if guess {
             self.auth_failures += 1;
             self.server.stats.auth_failure();
-            // A failure of our store is not the client's guess.
-            if condition != "temporary-auth-failure" {
-                self.server.auth_limiter.record_failure(
-                    self.peer.ip(),
-                    self.server.config().limits.auth_failures_per_minute,
-                    std::time::Instant::now(),
-                );
-            }
+            self.server.auth_limiter.record_failure(
+                self.peer.ip(),
+                self.server.config().limits.auth_failures_per_minute,
+                std::time::Instant::now(),
+            );
             tracing::info!(peer = %self.peer, condition, "authentication failed");
+        } else if condition != "aborted" {
+            self.sasl_refusals += 1;
+            tracing::debug!(peer = %self.peer, condition, text, "SASL attempt refused");
         }
         // RFC 6120 §6.4.5: a few retries, then the connection is closed.
         if self.auth_failures >= self.server.config().auth.max_failures_per_stream {
             return Err(End::error(
                 SErr::PolicyViolation,
                 "too many failed authentication attempts",
+            ));
+        }
+        if self.sasl_refusals >= MAX_SASL_REFUSALS_PER_STREAM {
+            return Err(End::error(
+                SErr::PolicyViolation,
+                "too many refused SASL attempts",
             ));
         }
         Ok(false)
@@ -600,19 +688,22 @@ impl C2sStream {
     ) -> Result<Sasl, End> {
         let bindings = self.channel_bindings();
         let plus_advertised = self.conn.is_tls();
-        let mut scram = ScramServer::new(hash, plus, bindings, plus_advertised)
+        let mut scram = ScramServer::new(hash, plus, bindings.clone(), plus_advertised)
             .with_unknown_user_iterations(self.server.config().auth.scram_iterations);
         let first = match self.initial_response(initial).await? {
             Ok(d) => d,
-            Err(cond) => return Ok(Sasl::Failure(cond)),
+            Err(cond) => return Ok(Refusal::protocol(cond, None)),
         };
         let client_first = match scram.client_first(&first) {
             Ok(c) => c,
-            Err(e) => return Ok(Sasl::Failure(e.condition())),
+            Err(e) => return Ok(Refusal::of(&e, &bindings)),
         };
         let bare = self.account_for(&client_first.username);
         if !self.authzid_ok(client_first.authzid.as_deref(), bare.as_deref()) {
-            return Ok(Sasl::Failure("invalid-authzid"));
+            return Ok(Refusal::protocol(
+                "invalid-authzid",
+                Some("an authorization identity must name the authenticated account".into()),
+            ));
         }
         let keys = match &bare {
             Some(b) => match self.server.storage.account(b).await {
@@ -620,7 +711,7 @@ impl C2sStream {
                 Ok(None) => None,
                 Err(e) => {
                     tracing::error!(error = %e, "account lookup failed");
-                    return Ok(Sasl::Failure("temporary-auth-failure"));
+                    return Ok(Refusal::protocol("temporary-auth-failure", None));
                 }
             },
             None => None,
@@ -629,30 +720,33 @@ impl C2sStream {
         self.challenge(&server_first).await?;
         let last = match self.sasl_response().await? {
             Ok(d) => d,
-            Err(cond) => return Ok(Sasl::Failure(cond)),
+            Err(cond) => return Ok(Refusal::protocol(cond, None)),
         };
         match (scram.client_final(&last), bare) {
             (Ok(server_final), Some(bare)) => Ok(Sasl::Success {
                 bare,
                 data: Some(server_final),
             }),
-            (Err(e), _) => Ok(Sasl::Failure(e.condition())),
-            (Ok(_), None) => Ok(Sasl::Failure("not-authorized")),
+            (Err(e), _) => Ok(Refusal::of(&e, &bindings)),
+            (Ok(_), None) => Ok(Refusal::guess("not-authorized")),
         }
     }
 
     async fn sasl_plain(&mut self, initial: Option<Vec<u8>>) -> Result<Sasl, End> {
         let data = match self.initial_response(initial).await? {
             Ok(d) => d,
-            Err(cond) => return Ok(Sasl::Failure(cond)),
+            Err(cond) => return Ok(Refusal::protocol(cond, None)),
         };
         let creds = match parse_plain(&data) {
             Ok(c) => c,
-            Err(e) => return Ok(Sasl::Failure(e.condition())),
+            Err(e) => return Ok(Refusal::of(&e, &ChannelBindings::default())),
         };
         let bare = self.account_for(&creds.authcid);
         if !self.authzid_ok(creds.authzid.as_deref(), bare.as_deref()) {
-            return Ok(Sasl::Failure("invalid-authzid"));
+            return Ok(Refusal::protocol(
+                "invalid-authzid",
+                Some("an authorization identity must name the authenticated account".into()),
+            ));
         }
         let keys = match &bare {
             Some(b) => match self.server.storage.account(b).await {
@@ -660,7 +754,7 @@ impl C2sStream {
                 Ok(None) => None,
                 Err(e) => {
                     tracing::error!(error = %e, "account lookup failed");
-                    return Ok(Sasl::Failure("temporary-auth-failure"));
+                    return Ok(Refusal::protocol("temporary-auth-failure", None));
                 }
             },
             None => None,
@@ -681,7 +775,7 @@ impl C2sStream {
         .unwrap_or(false);
         match (ok, bare) {
             (true, Some(bare)) => Ok(Sasl::Success { bare, data: None }),
-            _ => Ok(Sasl::Failure("not-authorized")),
+            _ => Ok(Refusal::guess("not-authorized")),
         }
     }
 
