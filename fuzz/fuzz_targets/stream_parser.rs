@@ -8,9 +8,12 @@
 //!   calls, `protocol/src/parser.rs`);
 //! - an error is final: the parser keeps reporting it;
 //! - the parser never holds more than one unit's worth of unconsumed bytes
-//!   (the size limit is enforced while an element is still incomplete).
+//!   (the size limit is enforced while an element is still incomplete);
+//! - no element tree takes more memory than `TREE_BYTES_PER_INPUT_BYTE` bytes per
+//!   byte of input (an element's own bytes are at most the whole input's).
 #![no_main]
 
+use confab_protocol::parser::{MIN_TREE_BYTES, TREE_BYTES_PER_INPUT_BYTE};
 use confab_protocol::{ParserLimits, StreamEvent, StreamParser, XmlError};
 use libfuzzer_sys::fuzz_target;
 
@@ -101,4 +104,15 @@ fuzz_target!(|data: &[u8]| {
     let by_chunks = run(&limits, &mut chunked);
     let whole = run(&limits, &mut std::iter::once(input));
     assert_eq!(by_chunks, whole, "chunking changed the result");
+    let bound = (input.len() * TREE_BYTES_PER_INPUT_BYTE).max(MIN_TREE_BYTES);
+    for ev in &whole.0 {
+        if let StreamEvent::Element(e) = ev {
+            assert!(
+                e.footprint() <= bound,
+                "a tree of {} bytes from {} bytes of input",
+                e.footprint(),
+                input.len()
+            );
+        }
+    }
 });

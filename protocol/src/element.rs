@@ -21,12 +21,92 @@
 use crate::ns;
 use crate::parser::XmlError;
 use std::fmt;
+use std::sync::Arc;
+
+/// A namespace URI. Constants of the code are kept as they are; a URI from a parse is
+/// allocated once per declaration and shared by every element in its scope, so a long
+/// `xmlns` on an element with thousands of children costs its length once, not once per
+/// child (a peer must not turn a small stanza into a large tree).
+#[derive(Clone)]
+pub struct Namespace(NsRepr);
+
+#[derive(Clone)]
+enum NsRepr {
+    Static(&'static str),
+    Shared(Arc<str>),
+}
+
+impl Namespace {
+    pub fn as_str(&self) -> &str {
+        match &self.0 {
+            NsRepr::Static(s) => s,
+            NsRepr::Shared(s) => s,
+        }
+    }
+}
+
+impl From<&'static str> for Namespace {
+    fn from(s: &'static str) -> Self {
+        Namespace(NsRepr::Static(s))
+    }
+}
+
+impl From<String> for Namespace {
+    fn from(s: String) -> Self {
+        Namespace(NsRepr::Shared(s.into()))
+    }
+}
+
+impl From<&String> for Namespace {
+    fn from(s: &String) -> Self {
+        Namespace(NsRepr::Shared(s.as_str().into()))
+    }
+}
+
+impl From<Arc<str>> for Namespace {
+    fn from(s: Arc<str>) -> Self {
+        Namespace(NsRepr::Shared(s))
+    }
+}
+
+impl std::ops::Deref for Namespace {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl PartialEq for Namespace {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Namespace {}
+
+impl PartialEq<str> for Namespace {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for Namespace {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl fmt::Debug for Namespace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
 
 /// An XML element: local name, namespace URI, attributes and child nodes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Element {
     name: String,
-    ns: String,
+    ns: Namespace,
     attrs: Vec<(String, String)>,
     children: Vec<Node>,
 }
@@ -42,7 +122,7 @@ impl Element {
     /// A new, empty element. `name` is the local name (no prefix) and must be a
     /// valid XML name; names come from code or from the parser, never from
     /// peer-supplied text content.
-    pub fn new(name: impl Into<String>, ns: impl Into<String>) -> Self {
+    pub fn new(name: impl Into<String>, ns: impl Into<Namespace>) -> Self {
         Element {
             name: name.into(),
             ns: ns.into(),
@@ -79,12 +159,17 @@ impl Element {
 
     /// The namespace URI ("" for no namespace).
     pub fn ns(&self) -> &str {
+        self.ns.as_str()
+    }
+
+    /// The namespace URI as a value that can be given to another element without a copy.
+    pub fn namespace(&self) -> &Namespace {
         &self.ns
     }
 
     /// Changes the namespace URI, e.g. to move a stanza between `jabber:client`
     /// and `jabber:server` when routing across a federation link (RFC 6120 §4.8.3).
-    pub fn set_ns(&mut self, ns: impl Into<String>) {
+    pub fn set_ns(&mut self, ns: impl Into<Namespace>) {
         self.ns = ns.into();
     }
 
@@ -219,6 +304,69 @@ impl Element {
             .retain(|n| !matches!(n, Node::Element(e) if e.is(name, ns)));
     }
 
+    /// Bytes of memory this tree occupies: its own struct and everything it owns on the
+    /// heap, by capacity. A namespace parsed from a declaration is shared by the elements
+    /// in its scope and counted nowhere here (its declaration's bytes are the input's).
+    pub fn footprint(&self) -> usize {
+        std::mem::size_of::<Element>() + self.heap_footprint()
+    }
+
+    fn heap_footprint(&self) -> usize {
+        let attrs: usize = self
+            .attrs
+            .iter()
+            .map(|(n, v)| n.capacity() + v.capacity())
+            .sum();
+        let children: usize = self
+            .children
+            .iter()
+            .map(|n| match n {
+                Node::Element(e) => e.heap_footprint(),
+                Node::Text(t) => t.capacity(),
+            })
+            .sum();
+        self.name.capacity()
+            + self.attrs.capacity() * std::mem::size_of::<(String, String)>()
+            + attrs
+            + self.children.capacity() * std::mem::size_of::<Node>()
+            + children
+    }
+
+    /// What the parser counts for a new element before its children: its slot in the
+    /// parent's child list, its name and its attributes — what [`Element::footprint`]
+    /// finds for it once the parser has dropped spare capacity ([`Element::shrink_to_fit`]).
+    pub(crate) fn node_cost(&self) -> usize {
+        std::mem::size_of::<Node>()
+            + self.name.capacity()
+            + self.attrs.capacity() * std::mem::size_of::<(String, String)>()
+            + self
+                .attrs
+                .iter()
+                .map(|(n, v)| n.capacity() + v.capacity())
+                .sum::<usize>()
+    }
+
+    /// What the parser counts for `len` bytes of text: a node slot and the text.
+    pub(crate) fn text_cost(len: usize) -> usize {
+        std::mem::size_of::<Node>() + len
+    }
+
+    /// Drops spare capacity of this element's own lists and strings.
+    pub(crate) fn shrink_to_fit(&mut self) {
+        self.name.shrink_to_fit();
+        self.children.shrink_to_fit();
+        self.attrs.shrink_to_fit();
+        for (n, v) in &mut self.attrs {
+            n.shrink_to_fit();
+            v.shrink_to_fit();
+        }
+        for node in &mut self.children {
+            if let Node::Text(t) = node {
+                t.shrink_to_fit();
+            }
+        }
+    }
+
     /// The concatenation of the direct text children.
     pub fn text(&self) -> String {
         let mut out = String::new();
@@ -237,12 +385,16 @@ impl Element {
     /// Renames namespace `from` to `to` here and in every descendant. Stanzas are
     /// `jabber:client` inside the server and `jabber:server` between servers
     /// (RFC 6120 §4.8.3); the content namespace of a stanza follows its default.
-    pub fn map_ns(&mut self, from: &str, to: &str) {
+    pub fn map_ns(&mut self, from: &str, to: impl Into<Namespace>) {
+        self.map_ns_to(from, &to.into());
+    }
+
+    fn map_ns_to(&mut self, from: &str, to: &Namespace) {
         if self.ns == from {
-            self.ns = to.to_string();
+            self.ns = to.clone();
         }
         for child in self.children_mut() {
-            child.map_ns(from, to);
+            child.map_ns_to(from, to);
         }
     }
 

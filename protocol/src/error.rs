@@ -373,7 +373,8 @@ impl StanzaError {
     /// the error element being qualified by the stanza's namespace
     /// (RFC 6120 §8.3.2).
     pub fn to_element(&self, stanza_ns: &str) -> Element {
-        let mut e = Element::new("error", stanza_ns).with_attr("type", self.error_type.as_str());
+        let mut e =
+            Element::new("error", stanza_ns.to_owned()).with_attr("type", self.error_type.as_str());
         if let Some(by) = &self.by {
             e.set_attr("by", by.clone());
         }
@@ -424,7 +425,7 @@ pub fn error_reply(stanza: &Element, err: &StanzaError) -> Option<Element> {
     if stanza.attr("type") == Some("error") {
         return None;
     }
-    let mut reply = Element::new(stanza.name(), stanza.ns());
+    let mut reply = Element::new(stanza.name(), stanza.namespace().clone());
     if let Some(id) = stanza.attr("id") {
         reply.set_attr("id", id);
     }

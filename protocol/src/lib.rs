@@ -9,7 +9,7 @@ pub mod parser;
 pub mod prep;
 pub mod sasl;
 
-pub use element::{Element, Node};
+pub use element::{Element, Namespace, Node};
 pub use error::{ErrorType, StanzaError, StanzaErrorCondition, StreamError, StreamErrorCondition};
 pub use parser::{ParserLimits, StreamEvent, StreamHeader, StreamParser, XmlError};
 pub use prep::prepare_jid;

@@ -23,12 +23,25 @@
 //! ones are refused with `<restricted-xml/>`. Character references are checked
 //! against the XML `Char` production, so `&#0;` cannot smuggle a NUL in.
 
-use crate::element::{illegal_char_len, is_forbidden_control, is_xml_char, Element};
+use crate::element::{illegal_char_len, is_forbidden_control, is_xml_char, Element, Namespace};
 use crate::error::StreamErrorCondition;
 use crate::ns;
 use quick_xml::events::{BytesStart, Event};
 use quick_xml::Reader;
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+/// The most memory a parsed element tree may take, in bytes per byte of its XML (and
+/// [`MIN_TREE_BYTES`] for the smallest stanzas): [`Element::footprint`] of any tree the
+/// parser returns is at most this many times its input. Ordinary stanzas take 1–10
+/// (text about its length, a roster item with a group about 8); the densest well-formed
+/// shape, nothing but one-letter empty elements, about 25. What the limit refuses is
+/// the copy of a namespace URI that every prefixed attribute carries in its name: a
+/// long prefix declaration and many attributes using it.
+pub const TREE_BYTES_PER_INPUT_BYTE: usize = 32;
+
+/// Allowance for tiny stanzas, whose fixed cost (one element) dwarfs their length.
+pub const MIN_TREE_BYTES: usize = 1024;
 
 /// Resource limits applied to every peer (RFC 6120 §13.12 asks servers to
 /// limit stanza size and processing cost).
@@ -74,6 +87,11 @@ pub enum XmlError {
     /// Elements nested deeper than `max_depth`.
     #[error("XML nested too deeply")]
     TooDeep,
+    /// The element tree would take more than [`TREE_BYTES_PER_INPUT_BYTE`] bytes of
+    /// memory per byte of the stanza (many tiny elements, or prefixed attributes that
+    /// each name a long namespace).
+    #[error("stanza too complex: its element tree would take too much memory for its size")]
+    TooComplex,
     /// The XML declaration names an encoding other than UTF-8.
     #[error("unsupported encoding (only UTF-8 is allowed)")]
     UnsupportedEncoding,
@@ -93,7 +111,9 @@ impl XmlError {
             XmlError::RestrictedXml(_) => StreamErrorCondition::RestrictedXml,
             XmlError::InvalidNamespace => StreamErrorCondition::InvalidNamespace,
             XmlError::BadNamespacePrefix(_) => StreamErrorCondition::BadNamespacePrefix,
-            XmlError::TooBig | XmlError::TooDeep => StreamErrorCondition::PolicyViolation,
+            XmlError::TooBig | XmlError::TooDeep | XmlError::TooComplex => {
+                StreamErrorCondition::PolicyViolation
+            }
             XmlError::UnsupportedEncoding => StreamErrorCondition::UnsupportedEncoding,
         }
     }
@@ -842,7 +862,10 @@ fn parse_header(raw: &[u8]) -> Result<(StreamHeader, HeaderCtx), XmlError> {
         .map_err(|_| nwf("invalid UTF-8"))?
         .to_owned();
     let header = StreamHeader {
-        default_ns: scopes.lookup("").unwrap_or_default().to_owned(),
+        default_ns: scopes
+            .lookup("")
+            .map(|n| n.as_str().to_owned())
+            .unwrap_or_default(),
         to: root.attr("to").map(str::to_owned),
         from: root.attr("from").map(str::to_owned),
         id: root.attr("id").map(str::to_owned),
@@ -881,6 +904,21 @@ fn build_from_str(text: &str, seed: &Bindings, max_depth: usize) -> Result<Eleme
     let mut scopes = Scopes::new(seed);
     let mut stack: Vec<Element> = Vec::new();
     let mut root: Option<Element> = None;
+    // What the tree costs so far, counted before it is built further: never more than
+    // the budget, whatever the input's shape (see TREE_BYTES_PER_INPUT_BYTE).
+    let budget = text
+        .len()
+        .saturating_mul(TREE_BYTES_PER_INPUT_BYTE)
+        .max(MIN_TREE_BYTES);
+    let mut cost = std::mem::size_of::<Element>();
+    let mut charge = |bytes: usize| {
+        cost = cost.saturating_add(bytes);
+        if cost > budget {
+            Err(XmlError::TooComplex)
+        } else {
+            Ok(())
+        }
+    };
     loop {
         let event = reader.read_event().map_err(|e| nwf(e.to_string()))?;
         match event {
@@ -892,13 +930,16 @@ fn build_from_str(text: &str, seed: &Bindings, max_depth: usize) -> Result<Eleme
                 if stack.len() >= max_depth {
                     return Err(XmlError::TooDeep);
                 }
-                stack.push(scopes.open(&start)?);
+                let element = scopes.open(&start)?;
+                charge(element.node_cost())?;
+                stack.push(element);
             }
             Event::Empty(start) => {
                 if stack.len() >= max_depth {
                     return Err(XmlError::TooDeep);
                 }
                 let element = scopes.open(&start)?;
+                charge(element.node_cost())?;
                 scopes.close();
                 attach(&mut stack, &mut root, element);
             }
@@ -911,7 +952,10 @@ fn build_from_str(text: &str, seed: &Bindings, max_depth: usize) -> Result<Eleme
                 let raw = std::str::from_utf8(&t).map_err(|_| nwf("invalid UTF-8"))?;
                 let value = unescape(raw, false)?;
                 match stack.last_mut() {
-                    Some(parent) => parent.append_text(value),
+                    Some(parent) => {
+                        charge(Element::text_cost(value.len()))?;
+                        parent.append_text(value)
+                    }
                     None if value.bytes().all(is_xml_space) => {}
                     None => return Err(nwf("text outside the element")),
                 }
@@ -919,7 +963,10 @@ fn build_from_str(text: &str, seed: &Bindings, max_depth: usize) -> Result<Eleme
             Event::CData(c) => {
                 let raw = std::str::from_utf8(&c).map_err(|_| nwf("invalid UTF-8"))?;
                 match stack.last_mut() {
-                    Some(parent) => parent.append_text(normalize_eol(raw)),
+                    Some(parent) => {
+                        charge(Element::text_cost(raw.len()))?;
+                        parent.append_text(normalize_eol(raw))
+                    }
                     None => return Err(nwf("CDATA outside the element")),
                 }
             }
@@ -935,7 +982,9 @@ fn build_from_str(text: &str, seed: &Bindings, max_depth: usize) -> Result<Eleme
     root.ok_or_else(|| nwf("no element"))
 }
 
-fn attach(stack: &mut [Element], root: &mut Option<Element>, element: Element) {
+fn attach(stack: &mut [Element], root: &mut Option<Element>, mut element: Element) {
+    // A finished element keeps no spare capacity: queued and stored stanzas live long.
+    element.shrink_to_fit();
     match stack.last_mut() {
         Some(parent) => {
             parent.append_child(element);
@@ -944,8 +993,9 @@ fn attach(stack: &mut [Element], root: &mut Option<Element>, element: Element) {
     }
 }
 
-/// Prefix → namespace URI; the prefix "" is the default namespace.
-type Bindings = HashMap<String, String>;
+/// Prefix → namespace URI; the prefix "" is the default namespace. A URI is allocated
+/// once per declaration and shared by every element in its scope ([`Namespace`]).
+type Bindings = HashMap<String, Arc<str>>;
 
 /// Namespace bindings in scope (XML Namespaces 1.0 §6).
 ///
@@ -956,7 +1006,7 @@ struct Scopes<'a> {
     /// Declarations of the stream header.
     seed: &'a Bindings,
     /// Declarations of the open elements, innermost last for each prefix.
-    local: HashMap<String, Vec<String>>,
+    local: HashMap<String, Vec<Arc<str>>>,
     /// Prefixes declared by each open element, to undo at its end.
     marks: Vec<Vec<String>>,
 }
@@ -972,13 +1022,16 @@ impl<'a> Scopes<'a> {
         }
     }
 
-    fn lookup(&self, prefix: &str) -> Option<&str> {
+    fn lookup(&self, prefix: &str) -> Option<Namespace> {
         if prefix == "xml" {
-            return Some(ns::XML);
+            return Some(Namespace::from(ns::XML));
         }
         match self.local.get(prefix).and_then(|uris| uris.last()) {
-            Some(uri) => Some(uri),
-            None => self.seed.get(prefix).map(String::as_str),
+            Some(uri) => Some(Namespace::from(uri.clone())),
+            None => self
+                .seed
+                .get(prefix)
+                .map(|uri| Namespace::from(uri.clone())),
         }
     }
 
@@ -986,7 +1039,7 @@ impl<'a> Scopes<'a> {
         if let Some(mark) = self.marks.last_mut() {
             mark.push(prefix.clone());
         }
-        self.local.entry(prefix).or_default().push(uri);
+        self.local.entry(prefix).or_default().push(uri.into());
     }
 
     fn close(&mut self) {
@@ -1055,7 +1108,7 @@ impl<'a> Scopes<'a> {
         }
         let (prefix, local) = split_qname(qname)?;
         let uri = match prefix {
-            None => self.lookup("").unwrap_or_default(),
+            None => self.lookup("").unwrap_or_else(|| Namespace::from("")),
             // The reserved prefixes never qualify elements (XML Namespaces
             // 1.0 §3); an element in the xml namespace could not be written
             // back with a default namespace declaration either.
@@ -1076,7 +1129,7 @@ impl<'a> Scopes<'a> {
                     let uri = self
                         .lookup(p)
                         .ok_or_else(|| XmlError::BadNamespacePrefix(p.to_owned()))?;
-                    format!("{{{uri}}}{local}")
+                    format!("{{{}}}{local}", uri.as_str())
                 }
             };
             attrs.push((name, value));
@@ -1280,6 +1333,133 @@ mod tests {
 
     const HEAD: &str = "<stream:stream xmlns='jabber:client' \
         xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>";
+
+    /// One stanza after HEAD: the element, or the error.
+    fn one_stanza(stanza: &str) -> Result<Element, XmlError> {
+        let mut p = StreamParser::new(ParserLimits {
+            max_stanza_size: 4 * 1024 * 1024,
+            max_depth: 64,
+        });
+        p.feed(HEAD.as_bytes());
+        p.feed(stanza.as_bytes());
+        assert!(matches!(p.next_event(), Ok(Some(StreamEvent::Open(_)))));
+        match p.next_event()? {
+            Some(StreamEvent::Element(e)) => Ok(e),
+            other => panic!("expected an element, got {other:?}"),
+        }
+    }
+
+    fn ratio(e: &Element, input: &str) -> f64 {
+        e.footprint() as f64 / input.len() as f64
+    }
+
+    /// The shapes of a memory amplification attack (a long namespace on an element with
+    /// thousands of children, prefixed attributes naming a long namespace): either
+    /// refused, or a tree within the bound — never a copy of the URI per element.
+    #[test]
+    fn a_long_namespace_is_not_copied_into_every_element() {
+        let long = "urn:".to_string() + &"x".repeat(16 * 1024);
+        let bound = |input: &str| (input.len() * TREE_BYTES_PER_INPUT_BYTE).max(MIN_TREE_BYTES);
+        let attacks = [
+            // Empty children, the densest shape: ~25 bytes of tree per byte.
+            format!(
+                "<message xmlns='{long}'>{}</message>",
+                "<a/>".repeat(12_000)
+            ),
+            // Children with a little text: shared namespace, within the bound.
+            format!(
+                "<message xmlns='{long}'>{}</message>",
+                "<a>hello</a>".repeat(4_000)
+            ),
+            // Every child redeclaring the namespace costs what it sends.
+            format!(
+                "<message>{}</message>",
+                format!("<a xmlns='{long}'/>").repeat(8)
+            ),
+            // Prefixed attributes each naming the long namespace: refused.
+            format!(
+                "<message xmlns:p='{long}'>{}</message>",
+                (0..2_000)
+                    .map(|i| format!("<a p:x{i}='1'/>"))
+                    .collect::<String>()
+            ),
+            format!(
+                "<message xmlns:p='{long}'><a {}/></message>",
+                (0..2_000)
+                    .map(|i| format!("p:x{i}='1' "))
+                    .collect::<String>()
+            ),
+        ];
+        eprintln!(
+            "Element {} bytes, Node {} bytes",
+            std::mem::size_of::<Element>(),
+            std::mem::size_of::<crate::Node>()
+        );
+        for input in &attacks {
+            match one_stanza(input) {
+                Ok(e) => assert!(
+                    e.footprint() <= bound(input),
+                    "{} bytes of tree for {} bytes",
+                    e.footprint(),
+                    input.len()
+                ),
+                Err(err) => assert_eq!(err, XmlError::TooComplex),
+            }
+        }
+        assert!(ratio(&one_stanza(&attacks[0]).unwrap(), &attacks[0]) < 28.0);
+        assert!(ratio(&one_stanza(&attacks[1]).unwrap(), &attacks[1]) < 20.0);
+        assert_eq!(one_stanza(&attacks[3]).unwrap_err(), XmlError::TooComplex);
+        // The children share the one URI.
+        let e = one_stanza(&attacks[1]).unwrap();
+        assert!(e.children().all(|c| c.ns() == long));
+        // Element::parse (stored stanzas) shares and bounds the same way.
+        assert_eq!(
+            Element::parse(&attacks[3]).unwrap_err(),
+            XmlError::TooComplex
+        );
+        let e = Element::parse(&attacks[0]).unwrap();
+        assert!(e.footprint() <= bound(&attacks[0]));
+    }
+
+    /// What real stanzas cost: well inside the bound, so none of them is refused.
+    #[test]
+    fn ordinary_stanzas_are_far_from_the_tree_bound() {
+        let roster = format!(
+            "<iq type='result' id='r1'><query xmlns='jabber:iq:roster' ver='v1'>{}</query></iq>",
+            (0..500)
+                .map(|i| format!(
+                    "<item jid='contact{i}@example.org' name='Contact {i}' subscription='both'>\
+                     <group>Friends</group></item>"
+                ))
+                .collect::<String>()
+        );
+        let disco = format!(
+            "<iq type='result' id='d1'><query xmlns='http://jabber.org/protocol/disco#items'>{}</query></iq>",
+            (0..2_000)
+                .map(|i| format!("<item jid='room{i}@conference.example.org' name='Room {i}'/>"))
+                .collect::<String>()
+        );
+        let chat = "<message to='juliet@example.com' type='chat' id='m1'>\
+            <body>Wherefore art thou, Romeo?</body><active xmlns='http://jabber.org/protocol/chatstates'/>\
+            <request xmlns='urn:xmpp:receipts'/><origin-id xmlns='urn:xmpp:sid:0' id='abc'/></message>"
+            .to_string();
+        let vcard = format!(
+            "<iq type='set' id='v1'><vCard xmlns='vcard-temp'><FN>Juliet</FN><PHOTO><TYPE>image/png</TYPE>\
+             <BINVAL>{}</BINVAL></PHOTO></vCard></iq>",
+            "QUJD".repeat(20_000)
+        );
+        for (what, input, most) in [
+            ("roster", &roster, 12.0),
+            ("disco items", &disco, 12.0),
+            ("chat message", &chat, 12.0),
+            ("vCard with a photo", &vcard, 1.5),
+        ] {
+            let e = one_stanza(input).unwrap_or_else(|err| panic!("{what}: {err}"));
+            let r = ratio(&e, input);
+            eprintln!("{what}: {r:.1} bytes of tree per byte");
+            assert!(r < most, "{what}: {r:.1} bytes of tree per byte");
+        }
+    }
 
     /// The error raised by `body` after a valid header.
     fn err_after_header(body: &str) -> XmlError {

@@ -17,11 +17,14 @@ use tokio::sync::{mpsc, watch};
 #[derive(Debug)]
 pub enum ToSession {
     Stanza(Element),
-    /// Stored offline messages: the session writes them, then deletes them from the
-    /// store up to `up_to`, so nothing is deleted before it reached the stream.
+    /// A page of stored offline messages: the session writes them, then deletes them
+    /// from the store up to `up_to`, so nothing is deleted before it reached the stream;
+    /// with `more`, it then asks for the next page. A queue is read one page at a time,
+    /// each after the last one was written, never parsed whole.
     Offline {
         stanzas: Vec<Element>,
         up_to: u64,
+        more: bool,
     },
 }
 
@@ -81,9 +84,13 @@ impl SessionHandle {
     }
 
     /// Queues stored offline messages (see [`ToSession::Offline`]).
-    pub fn send_offline(&self, stanzas: Vec<Element>, up_to: u64) -> bool {
+    pub fn send_offline(&self, stanzas: Vec<Element>, up_to: u64, more: bool) -> bool {
         self.tx
-            .try_send(Box::new(ToSession::Offline { stanzas, up_to }))
+            .try_send(Box::new(ToSession::Offline {
+                stanzas,
+                up_to,
+                more,
+            }))
             .is_ok()
     }
 

@@ -186,6 +186,16 @@ pub trait OfflineStore: Send + Sync {
     async fn push_offline(&self, owner: &str, stanza: Vec<u8>, max: usize) -> Result<u64>;
     /// All queued stanzas, ascending by sequence number.
     async fn offline_messages(&self, owner: &str) -> Result<Vec<(u64, Vec<u8>)>>;
+    /// The oldest queued stanzas, ascending: at most `max_count`, and no more once their
+    /// bytes reach `max_bytes` (the stanza that reaches it is included, so a page holds
+    /// at least one when the queue is not empty). Delivery reads a queue a page at a time,
+    /// never all of it at once.
+    async fn offline_page(
+        &self,
+        owner: &str,
+        max_count: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>>;
     /// Removes every queued stanza with a sequence number `<= up_to_seq`.
     async fn remove_offline(&self, owner: &str, up_to_seq: u64) -> Result<()>;
     async fn offline_count(&self, owner: &str) -> Result<usize>;

@@ -163,6 +163,28 @@ impl OfflineStore for MemoryStorage {
             .unwrap_or_default())
     }
 
+    async fn offline_page(
+        &self,
+        owner: &str,
+        max_count: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>> {
+        check_owner(owner)?;
+        let state = self.lock();
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        if let Some(q) = state.offline.get(owner) {
+            for (seq, m) in &q.messages {
+                if out.len() >= max_count || bytes >= max_bytes {
+                    break;
+                }
+                bytes = bytes.saturating_add(m.len());
+                out.push((*seq, m.clone()));
+            }
+        }
+        Ok(out)
+    }
+
     async fn remove_offline(&self, owner: &str, up_to_seq: u64) -> Result<()> {
         check_owner(owner)?;
         if let Some(q) = self.lock().offline.get_mut(owner) {

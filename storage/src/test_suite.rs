@@ -263,6 +263,34 @@ async fn offline_many_keep_order<S: Storage>(s: &S) {
     assert_eq!(s.offline_messages("a@x").await.unwrap()[0].0, 257);
 }
 
+async fn offline_pages<S: Storage>(s: &S) {
+    assert!(s.offline_page("a@x", 10, 1000).await.unwrap().is_empty());
+    for i in 0..10u8 {
+        s.push_offline("a@x", vec![i; 100], 1000).await.unwrap();
+    }
+    s.push_offline("b@x", vec![9; 10], 1000).await.unwrap();
+    // By count.
+    let page = s.offline_page("a@x", 4, usize::MAX).await.unwrap();
+    assert_eq!(
+        page.iter().map(|(q, _)| *q).collect::<Vec<_>>(),
+        [1, 2, 3, 4]
+    );
+    assert_eq!(page[3].1, vec![3; 100]);
+    // By bytes: the stanza that reaches the limit is the last one.
+    let page = s.offline_page("a@x", 100, 250).await.unwrap();
+    assert_eq!(page.len(), 3);
+    // At least one, however small the byte limit.
+    assert_eq!(s.offline_page("a@x", 100, 1).await.unwrap().len(), 1);
+    // After a removal the page starts at the oldest left, and only the owner's.
+    s.remove_offline("a@x", 8).await.unwrap();
+    let page = s.offline_page("a@x", 100, usize::MAX).await.unwrap();
+    assert_eq!(page.iter().map(|(q, _)| *q).collect::<Vec<_>>(), [9, 10]);
+    assert_eq!(
+        s.offline_page("b@x", 100, usize::MAX).await.unwrap().len(),
+        1
+    );
+}
+
 async fn user_data<S: Storage>(s: &S) {
     assert!(s.get_user_data("a@x", "vcard").await.unwrap().is_none());
     s.put_user_data("a@x", "vcard", b"<vCard/>".to_vec())
@@ -750,6 +778,7 @@ macro_rules! suite {
             case!(roster_versions);
             case!(offline_queue);
             case!(offline_many_keep_order);
+            case!(offline_pages);
             case!(user_data);
             case!(nul_in_owner_is_refused);
             case!(flush_and_size);

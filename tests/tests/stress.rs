@@ -708,3 +708,108 @@ async fn logins_beyond_the_failure_limit_are_refused_and_memory_stays_bounded() 
     );
     Ok(())
 }
+
+// ---- 5. memory amplification in the parser ---------------------------------------------
+
+/// A stanza built to make its tree far larger than its bytes: a 16 KiB namespace on an
+/// element with thousands of empty children (each child used to keep its own copy of the
+/// URI: 130 KiB of input took the server past 1 GiB).
+fn amplifier(total: usize) -> String {
+    let long = "urn:".to_string() + &"x".repeat(16 * 1024);
+    let head = format!("<message to='nobody@{DOMAIN}'><x xmlns='{long}'>");
+    let tail = "</x></message>";
+    let children = total.saturating_sub(head.len() + tail.len()) / 4;
+    format!("{head}{}{tail}", "<a/>".repeat(children))
+}
+
+/// The address of the first s2s listener in the server's log.
+fn s2s_addr(log: &[String]) -> Result<SocketAddr> {
+    let line = log
+        .iter()
+        .find(|l| l.contains("listening for servers"))
+        .context("no s2s listener in the log")?;
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("addr="))
+        .context("no addr=")?
+        .parse()
+        .map_err(Into::into)
+}
+
+/// Three connections on c2s and three on s2s, none authenticated, each sending one
+/// 130 KiB amplifier right after its stream header: the server's peak grows by a small
+/// multiple of what was sent (it was 2.3 GiB), each gets a stream error or its stanza
+/// refused, and another client keeps being answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_amplifier_before_login_costs_a_small_multiple_of_its_size() -> Result<()> {
+    let s = Stress::start("", &[("probe", "probing")]).await?;
+    let probe = Probe::start(s.login("probe", "probing", "probe").await?);
+    let s2s = s2s_addr(&s.served.log)?;
+    let packet = amplifier(130 * 1024);
+    let baseline = s.baseline()?;
+    let mut attackers = JoinSet::new();
+    for (addr, stream_ns) in [(s.addr(), "jabber:client"), (s2s, "jabber:server")] {
+        for _ in 0..3 {
+            let packet = packet.clone();
+            attackers.spawn(async move {
+                let mut tcp = TcpStream::connect(addr).await?;
+                let header = format!(
+                    "<?xml version='1.0'?><stream:stream xmlns='{stream_ns}' \
+                     xmlns:stream='http://etherx.jabber.org/streams' to='{DOMAIN}' version='1.0'>"
+                );
+                tcp.write_all(header.as_bytes()).await?;
+                tcp.write_all(packet.as_bytes()).await?;
+                // The server answers (features, then an error) and closes; read to the end.
+                let mut got = Vec::new();
+                tokio::time::timeout(TIMEOUT, tcp.read_to_end(&mut got)).await??;
+                let got = String::from_utf8_lossy(&got).into_owned();
+                ensure!(
+                    got.contains("stream:error") || got.contains("<error"),
+                    "{got}"
+                );
+                Ok::<_, anyhow::Error>(())
+            });
+        }
+    }
+    while let Some(r) = attackers.join_next().await {
+        r??;
+    }
+    let growth = Growth::since(baseline, &s)?;
+    println!("6 amplifiers of {} KiB: {growth}", packet.len() / 1024);
+    // Six trees of at most 32 bytes per byte received would be 26 MiB; they are not all
+    // alive at once, and ~25 bytes per byte is what the densest shape takes.
+    growth.assert_below(40 * MIB, "six 130 KiB amplifiers");
+    probe.finish(Duration::from_secs(2)).await?;
+    s.stop().await?;
+    Ok(())
+}
+
+/// The stored variant: twelve 51 KiB amplifiers sent to a user who is offline. When she
+/// logs in, her queue is read and parsed a page at a time (it was parsed whole: 2.4 GiB),
+/// and every message arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_amplifiers_are_delivered_a_page_at_a_time() -> Result<()> {
+    let s = Stress::start("", &[("mallory", "mallory pw"), ("alice", "alice pw")]).await?;
+    let mut mallory = s.login("mallory", "mallory pw", "m").await?;
+    let alice = format!("alice@{DOMAIN}");
+    let packet = amplifier(51 * 1024).replace(&format!("nobody@{DOMAIN}"), &alice);
+    for _ in 0..12 {
+        mallory.send_str(&packet).await?;
+    }
+    mallory.ping().await?; // every message stored before the answer
+    let baseline = s.baseline()?;
+    let mut c = s.login("alice", "alice pw", "phone").await?;
+    c.send_str("<presence/>").await?;
+    let mut delivered = 0;
+    while delivered < 12 {
+        let e = c.next().await?;
+        if e.name() == "message" {
+            assert!(e.children().any(|x| x.name() == "x"), "{}", e.name());
+            delivered += 1;
+        }
+    }
+    let growth = Growth::since(baseline, &s)?;
+    println!("12 stored amplifiers of 51 KiB delivered: {growth}");
+    growth.assert_below(64 * MIB, "twelve stored 51 KiB amplifiers");
+    s.stop().await?;
+    Ok(())
+}

@@ -942,12 +942,16 @@ impl C2sStream {
                     self.server.stats.element_out(&e);
                     e.write_to(&mut out, ns::CLIENT);
                 }
-                ToSession::Offline { stanzas, up_to } => {
+                ToSession::Offline {
+                    stanzas,
+                    up_to,
+                    more,
+                } => {
                     for e in &stanzas {
                         self.server.stats.element_out(e);
                         e.write_to(&mut out, ns::CLIENT);
                     }
-                    offline_up_to = Some(up_to);
+                    offline_up_to = Some((up_to, more));
                 }
             }
             count += 1;
@@ -970,14 +974,19 @@ impl C2sStream {
         };
         drop(out);
         r?;
-        if let Some(up_to) = offline_up_to {
-            if let Err(e) = self
+        if let Some((up_to, more)) = offline_up_to {
+            match self
                 .server
                 .storage
                 .remove_offline(&handle.bare, up_to)
                 .await
             {
-                tracing::error!(error = %e, "removing delivered offline messages failed");
+                // The next page, now that this one is on the wire.
+                Ok(()) if more => crate::modules::offline::deliver(&self.server, handle).await,
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "removing delivered offline messages failed")
+                }
             }
         }
         Ok(())

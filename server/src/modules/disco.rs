@@ -24,7 +24,7 @@ impl IqHandler for Disco {
             return Err(StanzaError::new(StanzaErrorCondition::ItemNotFound));
         }
         let ns_ = req.payload.ns();
-        let mut query = Element::new("query", ns_);
+        let mut query = Element::new("query", req.payload.namespace().clone());
         if ns_ == ns::DISCO_ITEMS {
             return Ok(Some(query));
         }

@@ -107,9 +107,20 @@ fn stamp_now() -> String {
     })
 }
 
-/// Hands stored messages to a session that just became available.
+/// Stored messages handed to a session at once: a page, then the next once it was
+/// written (`ToSession::Offline`), so a full queue of large messages is never parsed or
+/// queued whole.
+const PAGE_MESSAGES: usize = 64;
+const PAGE_BYTES: usize = 512 * 1024;
+
+/// Hands the oldest page of stored messages to a session that just became available (and,
+/// called again by the session once it wrote a page, the next one).
 pub async fn deliver(server: &Arc<Server>, session: &SessionHandle) {
-    let list = match server.storage.offline_messages(&session.bare).await {
+    let list = match server
+        .storage
+        .offline_page(&session.bare, PAGE_MESSAGES, PAGE_BYTES)
+        .await
+    {
         Ok(l) => l,
         Err(e) => {
             tracing::error!(error = %e, "reading offline messages failed");
@@ -119,6 +130,8 @@ pub async fn deliver(server: &Arc<Server>, session: &SessionHandle) {
     let Some(up_to) = list.last().map(|(seq, _)| *seq) else {
         return;
     };
+    let bytes: usize = list.iter().map(|(_, b)| b.len()).sum();
+    let more = list.len() >= PAGE_MESSAGES || bytes >= PAGE_BYTES;
     let mut stanzas = Vec::with_capacity(list.len());
     for (seq, bytes) in list {
         let parsed = std::str::from_utf8(&bytes)
@@ -134,5 +147,5 @@ pub async fn deliver(server: &Arc<Server>, session: &SessionHandle) {
             }
         }
     }
-    session.send_offline(stanzas, up_to);
+    session.send_offline(stanzas, up_to, more);
 }

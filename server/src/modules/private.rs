@@ -66,7 +66,7 @@ impl IqHandler for Private {
                 query.append_child(stored);
             }
             None => {
-                query.append_child(Element::new(asked.name(), asked.ns()));
+                query.append_child(Element::new(asked.name(), asked.namespace().clone()));
             }
         }
         Ok(Some(query))
