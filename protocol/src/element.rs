@@ -351,20 +351,17 @@ impl Element {
         std::mem::size_of::<Node>() + len
     }
 
-    /// Drops spare capacity of this element's own lists and strings.
-    pub(crate) fn shrink_to_fit(&mut self) {
-        self.name.shrink_to_fit();
-        self.children.shrink_to_fit();
-        self.attrs.shrink_to_fit();
-        for (n, v) in &mut self.attrs {
-            n.shrink_to_fit();
-            v.shrink_to_fit();
-        }
-        for node in &mut self.children {
+    /// Sets the children the parser collected (a list of exactly their number); text
+    /// merged from several pieces gives back its spare capacity.
+    pub(crate) fn set_children(&mut self, mut children: Vec<Node>) {
+        for node in &mut children {
             if let Node::Text(t) = node {
-                t.shrink_to_fit();
+                if t.capacity() > t.len() {
+                    t.shrink_to_fit();
+                }
             }
         }
+        self.children = children;
     }
 
     /// The concatenation of the direct text children.

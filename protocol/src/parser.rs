@@ -23,7 +23,9 @@
 //! ones are refused with `<restricted-xml/>`. Character references are checked
 //! against the XML `Char` production, so `&#0;` cannot smuggle a NUL in.
 
-use crate::element::{illegal_char_len, is_forbidden_control, is_xml_char, Element, Namespace};
+use crate::element::{
+    illegal_char_len, is_forbidden_control, is_xml_char, Element, Namespace, Node,
+};
 use crate::error::StreamErrorCondition;
 use crate::ns;
 use quick_xml::events::{BytesStart, Event};
@@ -902,7 +904,11 @@ fn build_from_str(text: &str, seed: &Bindings, max_depth: usize) -> Result<Eleme
     config.expand_empty_elements = false;
     config.trim_text(false);
     let mut scopes = Scopes::new(seed);
-    let mut stack: Vec<Element> = Vec::new();
+    // The open elements, each with where its children start in `pending`: children are
+    // collected there and moved into their parent once, at its end tag, into a list of
+    // exactly their number (no growth by doubling, nothing to shrink afterwards).
+    let mut stack: Vec<(Element, usize)> = Vec::new();
+    let mut pending: Vec<Node> = Vec::new();
     let mut root: Option<Element> = None;
     // What the tree costs so far, counted before it is built further: never more than
     // the budget, whatever the input's shape (see TREE_BYTES_PER_INPUT_BYTE).
@@ -932,7 +938,7 @@ fn build_from_str(text: &str, seed: &Bindings, max_depth: usize) -> Result<Eleme
                 }
                 let element = scopes.open(&start)?;
                 charge(element.node_cost())?;
-                stack.push(element);
+                stack.push((element, pending.len()));
             }
             Event::Empty(start) => {
                 if stack.len() >= max_depth {
@@ -941,20 +947,21 @@ fn build_from_str(text: &str, seed: &Bindings, max_depth: usize) -> Result<Eleme
                 let element = scopes.open(&start)?;
                 charge(element.node_cost())?;
                 scopes.close();
-                attach(&mut stack, &mut root, element);
+                attach(&stack, &mut pending, &mut root, element);
             }
             Event::End(_) => {
-                let element = stack.pop().ok_or_else(|| nwf("unexpected end tag"))?;
+                let (mut element, first) = stack.pop().ok_or_else(|| nwf("unexpected end tag"))?;
                 scopes.close();
-                attach(&mut stack, &mut root, element);
+                element.set_children(pending.split_off(first));
+                attach(&stack, &mut pending, &mut root, element);
             }
             Event::Text(t) => {
                 let raw = std::str::from_utf8(&t).map_err(|_| nwf("invalid UTF-8"))?;
                 let value = unescape(raw, false)?;
-                match stack.last_mut() {
-                    Some(parent) => {
+                match stack.last() {
+                    Some(&(_, first)) => {
                         charge(Element::text_cost(value.len()))?;
-                        parent.append_text(value)
+                        push_text(&mut pending, first, value);
                     }
                     None if value.bytes().all(is_xml_space) => {}
                     None => return Err(nwf("text outside the element")),
@@ -962,10 +969,10 @@ fn build_from_str(text: &str, seed: &Bindings, max_depth: usize) -> Result<Eleme
             }
             Event::CData(c) => {
                 let raw = std::str::from_utf8(&c).map_err(|_| nwf("invalid UTF-8"))?;
-                match stack.last_mut() {
-                    Some(parent) => {
+                match stack.last() {
+                    Some(&(_, first)) => {
                         charge(Element::text_cost(raw.len()))?;
-                        parent.append_text(normalize_eol(raw))
+                        push_text(&mut pending, first, normalize_eol(raw));
                     }
                     None => return Err(nwf("CDATA outside the element")),
                 }
@@ -982,15 +989,33 @@ fn build_from_str(text: &str, seed: &Bindings, max_depth: usize) -> Result<Eleme
     root.ok_or_else(|| nwf("no element"))
 }
 
-fn attach(stack: &mut [Element], root: &mut Option<Element>, mut element: Element) {
-    // A finished element keeps no spare capacity: queued and stored stanzas live long.
-    element.shrink_to_fit();
-    match stack.last_mut() {
-        Some(parent) => {
-            parent.append_child(element);
-        }
-        None => *root = Some(element),
+/// A finished element goes to its parent's pending children, or is the root.
+fn attach(
+    stack: &[(Element, usize)],
+    pending: &mut Vec<Node>,
+    root: &mut Option<Element>,
+    element: Element,
+) {
+    if stack.is_empty() {
+        *root = Some(element);
+    } else {
+        pending.push(Node::Element(element));
     }
+}
+
+/// Adds text to the open element whose children start at `first`, merged with text just
+/// before it (CDATA sections and references split text), as [`Element::append_text`] does.
+fn push_text(pending: &mut Vec<Node>, first: usize, text: String) {
+    if text.is_empty() {
+        return;
+    }
+    if pending.len() > first {
+        if let Some(Node::Text(t)) = pending.last_mut() {
+            t.push_str(&text);
+            return;
+        }
+    }
+    pending.push(Node::Text(text));
 }
 
 /// Prefix → namespace URI; the prefix "" is the default namespace. A URI is allocated
