@@ -177,6 +177,27 @@ pub trait RosterStore: Send + Sync {
     async fn remove_roster_item(&self, owner: &str, jid: &str) -> Result<u64>;
 }
 
+/// The first page of `items` under [`OfflineStore::offline_page`]'s rule: at most
+/// `max_count`, and none after the one whose bytes reach `max_bytes`. Items are decoded
+/// only as far as the page goes.
+pub(crate) fn offline_page_of(
+    items: impl Iterator<Item = Result<(u64, Vec<u8>)>>,
+    max_count: usize,
+    max_bytes: usize,
+) -> Result<Vec<(u64, Vec<u8>)>> {
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    for item in items {
+        if out.len() >= max_count || bytes >= max_bytes {
+            break;
+        }
+        let (seq, stanza) = item?;
+        bytes = bytes.saturating_add(stanza.len());
+        out.push((seq, stanza));
+    }
+    Ok(out)
+}
+
 #[async_trait::async_trait]
 pub trait OfflineStore: Send + Sync {
     /// Appends a stanza to the owner's queue and returns its sequence number. Sequence numbers start at 1

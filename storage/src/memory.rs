@@ -171,18 +171,11 @@ impl OfflineStore for MemoryStorage {
     ) -> Result<Vec<(u64, Vec<u8>)>> {
         check_owner(owner)?;
         let state = self.lock();
-        let mut out = Vec::new();
-        let mut bytes = 0usize;
-        if let Some(q) = state.offline.get(owner) {
-            for (seq, m) in &q.messages {
-                if out.len() >= max_count || bytes >= max_bytes {
-                    break;
-                }
-                bytes = bytes.saturating_add(m.len());
-                out.push((*seq, m.clone()));
-            }
-        }
-        Ok(out)
+        let Some(q) = state.offline.get(owner) else {
+            return Ok(Vec::new());
+        };
+        let items = q.messages.iter().map(|(seq, m)| Ok((*seq, m.clone())));
+        crate::offline_page_of(items, max_count, max_bytes)
     }
 
     async fn remove_offline(&self, owner: &str, up_to_seq: u64) -> Result<()> {

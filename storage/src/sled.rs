@@ -621,18 +621,14 @@ impl OfflineStore for SledStorage {
     ) -> Result<Vec<(u64, Vec<u8>)>> {
         check_owner(owner)?;
         let prefix = owner_prefix(owner);
-        let mut out = Vec::new();
-        let mut bytes = 0usize;
-        for kv in self.offline.scan_prefix(&prefix) {
-            if out.len() >= max_count || bytes >= max_bytes {
-                break;
-            }
+        let items = self.offline.scan_prefix(&prefix).map(|kv| {
             let (k, v) = kv.map_err(backend)?;
-            let stanza = codec::decode_blob("offline message", &v)?;
-            bytes = bytes.saturating_add(stanza.len());
-            out.push((seq_of_key(&k, prefix.len())?, stanza));
-        }
-        Ok(out)
+            Ok((
+                seq_of_key(&k, prefix.len())?,
+                codec::decode_blob("offline message", &v)?,
+            ))
+        });
+        crate::offline_page_of(items, max_count, max_bytes)
     }
 
     async fn remove_offline(&self, owner: &str, up_to_seq: u64) -> Result<()> {
