@@ -142,7 +142,64 @@ pub fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
     }
 }
 
+/// Every file and directory this process creates from now on is private to its user (mode 0600 for
+/// files, 0700 for directories), whatever the umask it was started with: the quickstart starts the
+/// server from a shell, whose umask is usually 022, and sled creates its files (the log with the
+/// password keys, vCards, private XML) with mode 0666 less the umask. Files meant for others (the
+/// manual pages) are written before this, by commands that need no configuration.
+#[cfg(unix)]
+fn private_umask() {
+    // SAFETY: umask(2) only replaces the process's file mode creation mask; it has no failure mode
+    // and touches no memory.
+    unsafe {
+        libc::umask(0o077);
+    }
+}
+
+#[cfg(not(unix))]
+fn private_umask() {}
+
+/// Creates the data directory (mode 0700 on Unix, whatever the umask), and tightens an existing one
+/// that other users can read to 0700, with a warning (one that cannot be changed, such as another
+/// user's, is only warned about).
+fn private_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder
+        .create(dir)
+        .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir)
+            .with_context(|| format!("cannot read the data directory {}", dir.display()))?
+            .permissions()
+            .mode()
+            & 0o777;
+        if mode & 0o077 != 0 {
+            match std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)) {
+                Ok(()) => tracing::warn!(
+                    path = %dir.display(),
+                    "the data directory was mode {mode:04o}, open to other users: changed to 0700"
+                ),
+                Err(e) => tracing::warn!(
+                    path = %dir.display(),
+                    error = %e,
+                    "the data directory is mode {mode:04o}, open to other users, and cannot be changed to 0700"
+                ),
+            }
+        }
+    }
+    Ok(())
+}
+
 fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Storage>> {
+    private_data_dir(&config.data_dir)?;
     let dir = config.store_dir();
     let store = SledStorage::open(&dir).with_context(|| {
         format!(
@@ -188,6 +245,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Man { dir } => return man(dir.as_deref()),
         _ => {}
     }
+    private_umask();
     let config = load_config(cli.config.as_ref())?;
     match cli.command {
         Command::Serve => serve(config, cli.config.clone()).await,
@@ -516,12 +574,7 @@ pub fn set_log_reloader(f: LogReloader) {
 }
 
 async fn serve(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.data_dir).with_context(|| {
-        format!(
-            "cannot create the data directory {}",
-            config.data_dir.display()
-        )
-    })?;
+    // Creates the data directory, private (see `private_data_dir`).
     let store = open_store(&config)?;
     let running = RunningServer::start(config.clone(), store).await?;
     if let Some(p) = path {

@@ -164,13 +164,47 @@ fn open_db(path: &Path) -> std::result::Result<::sled::Db, ::sled::Error> {
     }
 }
 
+/// Creates `path` (and missing parents) with mode 0700 on Unix, whatever the umask: the store holds
+/// password keys and private data. An existing directory that other users can read is tightened to 0700,
+/// with a warning; if it cannot be (it belongs to someone else), the warning says so and the open goes on.
+fn create_private_dir(path: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(path)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            match std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)) {
+                Ok(()) => tracing::warn!(
+                    path = %path.display(),
+                    "the store directory was mode {mode:04o}, open to other users: changed to 0700"
+                ),
+                Err(e) => tracing::warn!(
+                    path = %path.display(),
+                    error = %e,
+                    "the store directory is mode {mode:04o}, open to other users, and cannot be changed to 0700"
+                ),
+            }
+        }
+    }
+    Ok(())
+}
+
 impl SledStorage {
     /// Opens (creating if needed) the database in directory `path`. sled takes an exclusive lock on it, so
     /// a second open of the same directory, from this process or another, fails with
     /// [`StorageError::Backend`] (after a grace period of a few seconds, see [`open_db`]) until the first
-    /// handle is dropped.
+    /// handle is dropped. The directory is made private (mode 0700, see [`create_private_dir`]); the files sled
+    /// creates in it follow the process's umask, which the `confab` binary sets to 0077.
     pub fn open(path: &Path) -> Result<Self> {
-        std::fs::create_dir_all(path).map_err(|e| {
+        create_private_dir(path).map_err(|e| {
             backend(format_args!(
                 "cannot create data directory {}: {e}",
                 path.display()

@@ -73,10 +73,15 @@ pub async fn spawn_serve(config: &Path) -> Result<Served> {
 
 /// [`spawn_serve`] with the `confab` binary at `bin`.
 pub async fn spawn_serve_bin(bin: &Path, config: &Path) -> Result<Served> {
-    let mut child = tokio::process::Command::new(bin)
-        .arg("--config")
-        .arg(config)
-        .arg("serve")
+    let mut command = tokio::process::Command::new(bin);
+    command.arg("--config").arg(config).arg("serve");
+    spawn_serve_command(command).await
+}
+
+/// [`spawn_serve`] with a command of the caller's (say, a shell that sets a umask and
+/// `exec`s `confab --config CONFIG serve`).
+pub async fn spawn_serve_command(mut command: tokio::process::Command) -> Result<Served> {
+    let mut child = command
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
