@@ -155,6 +155,7 @@ const LOCK_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 fn open_db(path: &Path) -> std::result::Result<::sled::Db, ::sled::Error> {
     let deadline = std::time::Instant::now() + LOCK_GRACE;
     loop {
+        remove_unfinished_snapshots(path).map_err(::sled::Error::Io)?;
         match ::sled::Config::new().path(path).open() {
             Err(e) if is_lock_error(&e.to_string()) && std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(10));
@@ -194,6 +195,65 @@ fn create_private_dir(path: &Path) -> std::io::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// Removes the snapshot files that sled 0.34 left unfinished in `path` (`snap.<lsn>.generating`), with a
+/// warning each, so that the store opens after a kill during a previous open.
+///
+/// A snapshot is not data: it is a cache of sled's page table, to start recovery from a point in the log
+/// (`db`) instead of its beginning. sled 0.34 writes one only while it opens (`read_snapshot_or_default`,
+/// `advance_snapshot`, `write_snapshot` in its `pagecache/snapshot.rs`; the periodic snapshots of older
+/// versions are gone, `snapshot_after_ops` does nothing): it recovers from the newest snapshot and the log,
+/// writes the new one to `snap.<lsn>.generating`, `fsync`s it, renames it to `snap.<lsn>` and only then
+/// removes the older snapshots. The rename is the commit, so a `.generating` file is never a finished
+/// snapshot, and the one it was to replace is still there. But sled's own listing of snapshots skips only
+/// `.in___motion` files and reads the one whose name sorts last, which `snap.<lsn>.generating` does; an
+/// unfinished one fails its length or CRC check, and every later open fails with "Read corrupted data at
+/// file offset None". Removing it puts the directory back as it was before that open began writing its
+/// snapshot: the previous snapshot (or none, and sled recovers from the start of the log) and the log,
+/// which that open had changed only by recovery steps that the next open repeats (zeroing the torn tail
+/// after the recovered end of the log, removing blobs above it; sled's own tests check that recovery is
+/// idempotent).
+///
+/// Only the holder of sled's lock may do this: a `.generating` file of a process that is opening the
+/// store right now is work in progress. So the files are removed while this holds the same lock sled
+/// takes (an exclusive `flock` of `db`, by the same crate, fs2), and left alone when someone else holds
+/// it; sled's own open then fails (or is retried, see [`open_db`]) on that lock.
+fn remove_unfinished_snapshots(path: &Path) -> std::io::Result<()> {
+    let mut unfinished = Vec::new();
+    for entry in std::fs::read_dir(path)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            unfinished.push(entry.path());
+        }
+    }
+    if unfinished.is_empty() {
+        return Ok(());
+    }
+    let db = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path.join("db"))?;
+    if fs2::FileExt::try_lock_exclusive(&db).is_err() {
+        return Ok(());
+    }
+    for file in unfinished {
+        let bytes = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+        std::fs::remove_file(&file)?;
+        tracing::warn!(
+            path = %file.display(),
+            bytes,
+            "removed an unfinished sled snapshot (the open that was writing it was interrupted); \
+             it holds no data, the store recovers from the previous snapshot and its log"
+        );
+    }
+    // Closing `db` releases the lock for sled's open.
+    drop(db);
     Ok(())
 }
 
@@ -1804,5 +1864,107 @@ mod tests {
             s.purge_owner("a@x", true),
             Err(StorageError::NoSuchAccount)
         ));
+    }
+
+    /// The names of the snapshot files in `dir`, sorted as sled sorts them.
+    fn snapshot_files(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with("snap."))
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[tokio::test]
+    async fn an_unfinished_snapshot_left_by_a_kill_during_open_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SledStorage::open(dir.path()).unwrap();
+            s.create_account("a@x", vec![]).await.unwrap();
+            for i in 0..3 {
+                s.push_offline("a@x", format!("m{i}").into_bytes(), 10)
+                    .await
+                    .unwrap();
+            }
+            s.put_user_data("a@x", "vcard", b"v".to_vec())
+                .await
+                .unwrap();
+        }
+        // What a kill leaves while sled writes a snapshot at open (`write_snapshot`): nothing written yet,
+        // one page written, or part of the snapshot's bytes.
+        for case in ["empty", "one page", "part of a snapshot"] {
+            // Each open that follows writes of a previous one writes a snapshot.
+            drop(SledStorage::open(dir.path()).unwrap());
+            let names = snapshot_files(dir.path());
+            let newest = names.last().expect("sled wrote a snapshot");
+            assert!(!newest.ends_with(".generating"), "{names:?}");
+            let lsn = u64::from_str_radix(newest.trim_start_matches("snap."), 16).unwrap();
+            let finished = std::fs::read(dir.path().join(newest)).unwrap();
+            let content = match case {
+                "empty" => Vec::new(),
+                "one page" => vec![0xAB; 4096],
+                _ => finished[..finished.len() / 2].to_vec(),
+            };
+            let unfinished = dir.path().join(format!("snap.{:016X}.generating", lsn + 1));
+            std::fs::write(&unfinished, content).unwrap();
+            // sled alone refuses the store, at every open.
+            for _ in 0..2 {
+                match ::sled::Config::new().path(dir.path()).open() {
+                    Err(::sled::Error::Corruption { .. }) => {}
+                    other => panic!("{case}: sled opened it: {:?}", other.map(|_| ())),
+                }
+            }
+            let s = SledStorage::open(dir.path()).unwrap();
+            assert!(
+                !unfinished.exists(),
+                "{case}: {:?}",
+                snapshot_files(dir.path())
+            );
+            assert!(s.account_exists("a@x").await.unwrap(), "{case}");
+            let bodies: Vec<_> = s
+                .offline_messages("a@x")
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|(_, m)| m)
+                .collect();
+            assert_eq!(
+                bodies,
+                [b"m0".to_vec(), b"m1".to_vec(), b"m2".to_vec()],
+                "{case}"
+            );
+            assert_eq!(
+                s.get_user_data("a@x", "vcard").await.unwrap(),
+                Some(b"v".to_vec()),
+                "{case}"
+            );
+            // And it writes again.
+            s.put_user_data("a@x", "private", case.as_bytes().to_vec())
+                .await
+                .unwrap();
+        }
+        let s = SledStorage::open(dir.path()).unwrap();
+        assert_eq!(
+            s.get_user_data("a@x", "private").await.unwrap(),
+            Some(b"part of a snapshot".to_vec())
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unfinished_snapshot_of_a_store_open_elsewhere_is_left_alone() {
+        let (dir, s) = open();
+        s.create_account("a@x", vec![]).await.unwrap();
+        // Another open in progress (here: a live handle) owns its snapshot file.
+        let in_progress = dir.path().join("snap.00000000FFFFFFFF.generating");
+        std::fs::write(&in_progress, b"").unwrap();
+        let started = std::time::Instant::now();
+        let err = SledStorage::open(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("already open"), "{err}");
+        assert!(started.elapsed() >= LOCK_GRACE);
+        assert!(in_progress.exists());
+        drop(s);
+        std::fs::remove_file(&in_progress).unwrap();
     }
 }
