@@ -134,6 +134,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// Stanzas queued for one session before it is considered a slow reader and disconnected.
     pub session_queue: usize,
+    /// Bytes of memory (parsed stanzas) queued for one session before it is disconnected
+    /// likewise; a single stanza is always taken into an empty queue.
+    pub session_queue_bytes: usize,
     /// Messages kept in one account's offline store.
     pub max_offline_messages: usize,
     /// Seconds a new connection may take to authenticate and bind.
@@ -219,6 +222,7 @@ impl Default for Limits {
             max_depth: 64,
             max_connections: 100_000,
             session_queue: 1024,
+            session_queue_bytes: 8 * 1024 * 1024,
             max_offline_messages: 1000,
             login_timeout_secs: 60,
             auth_failures_per_minute: 10,
@@ -412,6 +416,11 @@ impl Config {
         if self.limits.session_queue == 0 || self.limits.max_connections == 0 {
             return Err(ConfigError::Invalid(
                 "limits.session_queue and limits.max_connections must be positive".into(),
+            ));
+        }
+        if self.limits.session_queue_bytes < 64 * 1024 {
+            return Err(ConfigError::Invalid(
+                "limits.session_queue_bytes must be at least 65536".into(),
             ));
         }
         Ok(())

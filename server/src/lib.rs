@@ -12,6 +12,7 @@ pub mod jid;
 pub mod metrics;
 pub mod modules;
 pub mod ops;
+pub mod pacing;
 pub mod ratelimit;
 pub mod router;
 pub mod routing;

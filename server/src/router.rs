@@ -2,16 +2,33 @@
 //! presence, and the queues that carry stanzas to them.
 //!
 //! Each connection task owns its socket; the router only holds a bounded sender. A
-//! session whose queue is full is a slow reader and is disconnected (it never buffers
-//! without end). Nothing here assumes this process owns all sessions forever: lookups go
+//! session's queue is bounded in stanzas and in bytes. A client whose stanza pushed a
+//! recipient's queue past a quarter of either bound waits, before it reads more, until
+//! that recipient has written some out (see [`crate::pacing`]): a fast sender is slowed
+//! and a healthy recipient keeps up. A recipient that writes nothing for
+//! [`NO_PROGRESS`] while so loaded, or whose queue reaches a bound, has stopped reading
+//! and is disconnected (it never buffers without end). Nothing here assumes this process owns all sessions forever: lookups go
 //! through this type only, so a multi-node registry can replace it behind the same API.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use confab_protocol::{Element, StreamError, StreamErrorCondition};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
+
+/// How long a loaded queue may go without its session writing anything out before the
+/// session counts as a reader that stopped.
+pub const NO_PROGRESS: Duration = Duration::from_secs(5);
+
+/// The bounds of one session's outbound queue (`limits.session_queue`,
+/// `limits.session_queue_bytes`).
+#[derive(Clone, Copy, Debug)]
+pub struct QueueLimits {
+    pub stanzas: usize,
+    pub bytes: usize,
+}
 
 /// What a session task receives from the rest of the server.
 #[derive(Debug)]
@@ -53,6 +70,11 @@ pub struct SessionData {
     /// Boxed, so the queue's slots (allocated in blocks when the session starts) stay small.
     tx: mpsc::Sender<Box<ToSession>>,
     kill: watch::Sender<Option<StreamError>>,
+    limits: QueueLimits,
+    /// [`Element::footprint`] of what is queued and not yet taken by the session.
+    queued_bytes: AtomicUsize,
+    /// Woken whenever the session wrote a batch out, or was killed.
+    progress: Notify,
 }
 
 impl std::ops::Deref for SessionHandle {
@@ -67,36 +89,115 @@ impl SessionHandle {
         format!("{}/{}", self.bare, self.resource)
     }
 
-    /// Queues a stanza; a full queue disconnects the session (slow reader).
+    /// Queues a stanza; a queue at its bound disconnects the session (slow reader). A
+    /// sender that loads the queue past a quarter of a bound is noted for pacing.
     pub fn send(&self, stanza: Element) -> bool {
+        let bytes = stanza.footprint();
+        let before = self.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
+        // One stanza always fits an empty queue, however large it is.
+        if before > 0 && before.saturating_add(bytes) > self.limits.bytes {
+            self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            tracing::warn!(jid = %self.full_jid(), queued = before, "outbound queue over its byte bound, disconnecting slow reader");
+            self.kill(
+                StreamError::new(StreamErrorCondition::PolicyViolation)
+                    .with_text("too many unread bytes"),
+            );
+            return false;
+        }
         match self.tx.try_send(Box::new(ToSession::Stanza(stanza))) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::warn!(jid = %self.full_jid(), "outbound queue full, disconnecting slow reader");
-                self.kill(
-                    StreamError::new(StreamErrorCondition::PolicyViolation)
-                        .with_text("too many unread stanzas"),
-                );
+            Ok(()) => {
+                if self.loaded() {
+                    crate::pacing::note(self);
+                }
+                true
+            }
+            Err(e) => {
+                self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+                if let mpsc::error::TrySendError::Full(_) = e {
+                    tracing::warn!(jid = %self.full_jid(), "outbound queue full, disconnecting slow reader");
+                    self.kill(
+                        StreamError::new(StreamErrorCondition::PolicyViolation)
+                            .with_text("too many unread stanzas"),
+                    );
+                }
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
     }
 
     /// Queues stored offline messages (see [`ToSession::Offline`]).
     pub fn send_offline(&self, stanzas: Vec<Element>, up_to: u64, more: bool) -> bool {
-        self.tx
+        let bytes: usize = stanzas.iter().map(Element::footprint).sum();
+        self.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
+        let sent = self
+            .tx
             .try_send(Box::new(ToSession::Offline {
                 stanzas,
                 up_to,
                 more,
             }))
-            .is_ok()
+            .is_ok();
+        if !sent {
+            self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        }
+        sent
+    }
+
+    /// The session took `item` off its queue.
+    pub fn taken(&self, item: &ToSession) {
+        let bytes = match item {
+            ToSession::Stanza(e) => e.footprint(),
+            ToSession::Offline { stanzas, .. } => stanzas.iter().map(Element::footprint).sum(),
+        };
+        self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+    }
+
+    /// The session wrote a batch out: senders waiting for it may go on.
+    pub fn made_progress(&self) {
+        self.progress.notify_waiters();
+    }
+
+    /// Bytes queued and not yet taken by the session.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes.load(Ordering::Acquire)
+    }
+
+    /// Past a quarter of either bound: a sender should wait for this session (and the
+    /// session itself handles no more of its client's stanzas until it wrote some out).
+    pub fn loaded(&self) -> bool {
+        let stanzas = self.tx.max_capacity() - self.tx.capacity();
+        stanzas > (self.limits.stanzas / 4).max(1)
+            || self.queued_bytes.load(Ordering::Acquire) > self.limits.bytes / 4
+    }
+
+    /// Waits until this session's queue is no longer loaded, or it is gone. A session that
+    /// writes nothing out for [`NO_PROGRESS`] meanwhile has stopped reading and is killed.
+    pub async fn wait_until_unloaded(&self) {
+        loop {
+            let progress = self.progress.notified();
+            tokio::pin!(progress);
+            progress.as_mut().enable();
+            if !self.loaded() || self.tx.is_closed() || self.kill.borrow().is_some() {
+                return;
+            }
+            if tokio::time::timeout(NO_PROGRESS, progress).await.is_err() {
+                tracing::warn!(
+                    jid = %self.full_jid(),
+                    "nothing written for {NO_PROGRESS:?} with a loaded queue, disconnecting slow reader"
+                );
+                self.kill(
+                    StreamError::new(StreamErrorCondition::PolicyViolation)
+                        .with_text("too many unread stanzas"),
+                );
+                return;
+            }
+        }
     }
 
     /// Asks the session task to close its stream with `error`.
     pub fn kill(&self, error: StreamError) {
         self.kill.send_replace(Some(error));
+        self.progress.notify_waiters();
     }
 }
 
@@ -153,10 +254,10 @@ impl Router {
         &self,
         bare: String,
         resource: String,
-        queue: usize,
+        limits: QueueLimits,
         info: SessionInfo,
     ) -> (SessionHandle, SessionReceiver) {
-        let (tx, rx) = mpsc::channel(queue.max(1));
+        let (tx, rx) = mpsc::channel(limits.stanzas.max(1));
         let (kill, kill_rx) = watch::channel(None);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         (
@@ -167,6 +268,9 @@ impl Router {
                 resource,
                 tx,
                 kill,
+                limits,
+                queued_bytes: AtomicUsize::new(0),
+                progress: Notify::new(),
             })),
             SessionReceiver { rx, kill: kill_rx },
         )

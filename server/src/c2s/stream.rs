@@ -37,6 +37,9 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 const READ_BUFFER: usize = 16 * 1024;
 /// Stanzas written in one batch before the socket is flushed.
 const WRITE_BATCH: usize = 64;
+/// Bytes serialized into one batch at most (a batch of large stanzas is cut short), so a
+/// session blocked writing holds no more than this besides its queue.
+const WRITE_BATCH_BYTES: usize = 256 * 1024;
 /// Resources one account may bind at the same time (RFC 6120 §7.6.2.1 resource-constraint).
 const MAX_RESOURCES: usize = 64;
 
@@ -822,12 +825,12 @@ impl C2sStream {
             tls: self.tls_version(),
             since: std::time::SystemTime::now(),
         };
-        let (handle, receiver) = router.new_session(
-            bare,
-            resource,
-            self.server.config().limits.session_queue,
-            info,
-        );
+        let limits = &self.server.config().limits;
+        let queue = crate::router::QueueLimits {
+            stanzas: limits.session_queue,
+            bytes: limits.session_queue_bytes,
+        };
+        let (handle, receiver) = router.new_session(bare, resource, queue, info);
         // RFC 6120 §7.7.2.2: the new session takes over; the old one is told why.
         if let Some((old, state)) = router.bind(handle.clone()) {
             old.kill(
@@ -879,8 +882,45 @@ impl C2sStream {
             loop {
                 match self.parser.next_event() {
                     Ok(Some(StreamEvent::Element(e))) => {
-                        if let Err(end) = self.client_stanza(handle, e).await {
-                            return end;
+                        let mut loaded = match self.client_stanza(handle, e).await {
+                            Ok(loaded) => loaded,
+                            Err(end) => return end,
+                        };
+                        // Its own queue drains only when this task writes: replies its
+                        // client asked for are written out before it handles more.
+                        loaded.retain(|s| s.id != handle.id);
+                        // Recipients this stanza loaded write some out before this client
+                        // is read again; meanwhile its own queue keeps being written, so
+                        // two clients loading each other never wait on each other.
+                        if !loaded.is_empty() {
+                            let waiting = crate::pacing::wait(loaded, handle.id);
+                            tokio::pin!(waiting);
+                            loop {
+                                let queued = tokio::select! {
+                                    () = &mut waiting => break,
+                                    _ = shutdown.wait_for(|down| *down) => {
+                                        return End::Stream(StreamError::new(SErr::SystemShutdown))
+                                    }
+                                    _ = receiver.kill.changed() => {
+                                        let err = receiver.kill.borrow().clone();
+                                        return End::Stream(err.unwrap_or_else(|| {
+                                            StreamError::new(SErr::PolicyViolation)
+                                        }));
+                                    }
+                                    m = receiver.rx.recv() => m,
+                                };
+                                let Some(first) = queued else {
+                                    return End::Eof;
+                                };
+                                if let Err(end) =
+                                    Box::pin(self.deliver(handle, first, &mut receiver)).await
+                                {
+                                    return end;
+                                }
+                            }
+                        }
+                        if handle.loaded() {
+                            break;
                         }
                     }
                     Ok(Some(StreamEvent::Close)) => return End::PeerClosed,
@@ -902,7 +942,9 @@ impl C2sStream {
                 _ = shutdown.wait_for(|down| *down) => Wake::Shutdown,
                 _ = receiver.kill.changed() => Wake::Killed,
                 m = receiver.rx.recv() => Wake::Queue(m),
-                r = read_some(&mut self.conn, &mut self.parser, &mut self.throttle) => Wake::Read(r),
+                // Nothing more is read while the client's own queue is loaded: what it
+                // asked for is written first, and TCP holds the rest of its requests back.
+                r = read_some(&mut self.conn, &mut self.parser, &mut self.throttle), if !handle.loaded() => Wake::Read(r),
             };
             match wake {
                 Wake::Shutdown => return End::Stream(StreamError::new(SErr::SystemShutdown)),
@@ -937,6 +979,7 @@ impl C2sStream {
         let mut next = Some(first);
         let mut count = 0;
         while let Some(item) = next.take() {
+            handle.taken(&item);
             match *item {
                 ToSession::Stanza(e) => {
                     self.server.stats.element_out(&e);
@@ -955,7 +998,7 @@ impl C2sStream {
                 }
             }
             count += 1;
-            if count < WRITE_BATCH {
+            if count < WRITE_BATCH && out.len() < WRITE_BATCH_BYTES {
                 next = receiver.rx.try_recv().ok();
             }
         }
@@ -974,6 +1017,7 @@ impl C2sStream {
         };
         drop(out);
         r?;
+        handle.made_progress();
         if let Some((up_to, more)) = offline_up_to {
             match self
                 .server
@@ -992,7 +1036,13 @@ impl C2sStream {
         Ok(())
     }
 
-    async fn client_stanza(&mut self, handle: &SessionHandle, mut e: Element) -> Result<(), End> {
+    /// Handles one stanza of the client's; returns the sessions it loaded (see
+    /// [`crate::pacing`]).
+    async fn client_stanza(
+        &mut self,
+        handle: &SessionHandle,
+        mut e: Element,
+    ) -> Result<Vec<SessionHandle>, End> {
         if !is_stanza(&e) {
             return Err(End::error(SErr::UnsupportedStanzaType, "not a stanza"));
         }
@@ -1010,16 +1060,17 @@ impl C2sStream {
             }
         }
         e.set_attr("from", handle.full_jid());
-        let ((), outcome) =
-            crate::durability::deferring(Box::pin(self.server.handle_client_stanza(handle, e)))
-                .await;
+        let (((), outcome), loaded) = crate::pacing::collecting(crate::durability::deferring(
+            Box::pin(self.server.handle_client_stanza(handle, e)),
+        ))
+        .await;
         self.unsynced = self.unsynced.max(outcome.point);
         if outcome.failed {
             // A write this stanza caused failed, and nothing said so: whatever the stream
             // sent next would vouch for it (docs/durability.md).
             return Err(End::error(SErr::InternalServerError, "storage failure"));
         }
-        Ok(())
+        Ok(loaded)
     }
 }
 
