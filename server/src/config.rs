@@ -139,6 +139,9 @@ pub struct Limits {
     pub session_queue_bytes: usize,
     /// Messages kept in one account's offline store.
     pub max_offline_messages: usize,
+    /// Inbound subscription requests kept for one account until it answers them; at most
+    /// a quarter of this from any one domain.
+    pub max_pending_subscriptions: usize,
     /// Seconds a new connection may take to authenticate and bind.
     pub login_timeout_secs: u64,
     /// Failed logins one address may make within a minute, across connections; then
@@ -224,6 +227,7 @@ impl Default for Limits {
             session_queue: 1024,
             session_queue_bytes: 8 * 1024 * 1024,
             max_offline_messages: 1000,
+            max_pending_subscriptions: 100,
             login_timeout_secs: 60,
             auth_failures_per_minute: 10,
             client_read_rate: 1024 * 1024,

@@ -782,3 +782,51 @@ async fn silent_unauthenticated_peers_are_disconnected() -> Result<()> {
     assert!(started.elapsed() >= std::time::Duration::from_secs(2));
     p.round_trip("silent").await
 }
+
+/// A peer sends 1,030 subscription requests from distinct JIDs to one user (they were all
+/// stored, and every later login of hers was cut off at once by their delivery). Only what
+/// the account may hold from one domain is kept (`limits.max_pending_subscriptions`, a
+/// quarter of it per domain); the rest are answered with resource-constraint; her next
+/// login gets those kept and works.
+#[tokio::test]
+async fn a_flood_of_subscription_requests_is_bounded_and_cannot_lock_a_user_out() -> Result<()> {
+    const SENT: usize = 1_030;
+    let p = pair_with(|c| c.limits.max_pending_subscriptions = 40).await?;
+    let (mut raw, _) = RawS2s::secured(&p, Some(A), Some(A)).await?;
+    let outcome = raw.external(A).await?;
+    assert!(outcome.is("success", ns::SASL), "{outcome}");
+    raw.open(Some(A), B).await?;
+    let mut flood = String::new();
+    for i in 0..SENT {
+        flood.push_str(
+            &Element::new("presence", ns::SERVER)
+                .with_attr("from", format!("spam{i}@{A}"))
+                .with_attr("to", format!("bob@{B}"))
+                .with_attr("type", "subscribe")
+                .to_xml(ns::SERVER),
+        );
+    }
+    raw.send_raw(flood.as_bytes()).await?;
+    // The ones refused come back as errors, on the link's other direction or ours: wait
+    // until bob's store holds what it may, then log in.
+    let storage = p.b.storage();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let kept = loop {
+        let kept = storage
+            .list_user_data(&format!("bob@{B}"), "pending-in\u{1}")
+            .await?
+            .len();
+        if kept >= 10 || tokio::time::Instant::now() > deadline {
+            break kept;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(kept, 10, "a quarter of 40 from one domain");
+    let mut bob = p.b.online_at(B, "bob", "pw-bob", "home").await?;
+    for _ in 0..10 {
+        bob.expect(|e| e.name() == "presence" && e.attr("type") == Some("subscribe"))
+            .await?;
+    }
+    bob.ping().await?;
+    p.round_trip("subscription-flood").await
+}

@@ -25,6 +25,37 @@ fn pending_key(contact: &str) -> String {
     format!("{PENDING_PREFIX}{contact}")
 }
 
+/// Why one more pending request for `owner` from `contact` would be too many, if it would:
+/// `limits.max_pending_subscriptions` in all, a quarter of it from one remote domain.
+async fn pending_full(server: &Arc<Server>, owner: &str, contact: &str) -> Option<&'static str> {
+    let max = server.config().limits.max_pending_subscriptions;
+    let keys = match server.storage.list_user_data(owner, PENDING_PREFIX).await {
+        Ok(list) => list.into_iter().map(|(k, _)| k).collect::<Vec<_>>(),
+        Err(e) => {
+            tracing::error!(error = %e, "reading pending subscriptions failed");
+            return Some("the store could not be read");
+        }
+    };
+    if keys.len() >= max {
+        return Some("the account holds as many pending requests as it may");
+    }
+    let domain_of = |jid: &str| jid.rsplit_once('@').map_or(jid, |(_, d)| d).to_string();
+    let domain = domain_of(contact);
+    // The share per domain is for remote domains: our own users are accountable here.
+    if server.is_local_domain(&domain) {
+        return None;
+    }
+    let from_domain = keys
+        .iter()
+        .filter_map(|k| k.strip_prefix(PENDING_PREFIX))
+        .filter(|c| domain_of(c) == domain)
+        .count();
+    if from_domain >= (max / 4).max(1) {
+        return Some("the account holds as many pending requests from that domain as it may");
+    }
+    None
+}
+
 /// A presence stanza sent by a local client (`from` stamped with its full JID).
 pub async fn outbound(
     server: &Arc<Server>,
@@ -126,10 +157,13 @@ async fn broadcast_available(server: &Arc<Server>, session: &SessionHandle, mut 
                 .route(stanza::presence(Some("probe"), owner, &item.jid))
                 .await;
         }
-        // §3.1.3: subscription requests that arrived while offline.
+        // §3.1.3: subscription requests that arrived while offline; no more than the
+        // account may hold (a store from before that bound may hold more: the rest come
+        // at later logins, as these are answered), so a login never floods its queue.
+        let most = server.config().limits.max_pending_subscriptions;
         match server.storage.list_user_data(owner, PENDING_PREFIX).await {
             Ok(list) => {
-                for (_, bytes) in list {
+                for (_, bytes) in list.into_iter().take(most) {
                     if let Some(req) = String::from_utf8(bytes)
                         .ok()
                         .and_then(|s| Element::parse(&s).ok())
@@ -518,6 +552,17 @@ async fn inbound_subscription(
                 }
             }
             // Keep the request until the user answers; deliver it now to whoever is online.
+            // Requests kept are bounded per account and per domain: a peer that sends
+            // thousands from distinct JIDs fills neither the store nor a later login.
+            if !has_pending_in(server, owner, contact).await {
+                if let Some(why) = pending_full(server, owner, contact).await {
+                    tracing::warn!(%owner, %contact, why, "subscription request refused");
+                    if let Some(reply) = stanza::error_reply(&stanza, Cond::ResourceConstraint) {
+                        server.route(reply).await;
+                    }
+                    return;
+                }
+            }
             let bytes = stanza.to_xml("").into_bytes();
             if let Err(e) = server
                 .storage
