@@ -3,7 +3,10 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+
+use confab_protocol::limits::ByteBudget;
 
 /// Policy overrides for one remote domain.
 #[derive(Clone, Debug, Default)]
@@ -29,6 +32,15 @@ pub struct FederationConfig {
     pub queue: usize,
     pub max_stanza_size: usize,
     pub max_depth: usize,
+    /// Incoming connections held at once; further ones are closed at accept.
+    pub max_connections: usize,
+    /// Incoming connections held at once from one address (IPv6: one /64). 0: no limit.
+    pub max_connections_per_address: usize,
+    /// Largest element an incoming stream may send before it has authenticated a domain.
+    pub pre_auth_stanza_size: usize,
+    /// What unauthenticated streams may hold of unfinished elements, all together; the
+    /// server passes the budget its client listeners use, so the total covers both.
+    pub pre_auth_budget: Arc<ByteBudget>,
     pub use_system_roots: bool,
     pub ca_files: Vec<PathBuf>,
     /// DNS servers to ask; empty means the system resolver.
@@ -51,6 +63,10 @@ impl Default for FederationConfig {
             queue: 1000,
             max_stanza_size: 512 * 1024,
             max_depth: 64,
+            max_connections: 10_000,
+            max_connections_per_address: 32,
+            pre_auth_stanza_size: 16 * 1024,
+            pre_auth_budget: ByteBudget::new(16 * 1024 * 1024),
             use_system_roots: true,
             ca_files: Vec::new(),
             nameservers: Vec::new(),

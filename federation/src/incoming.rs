@@ -8,6 +8,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use confab_protocol::limits::BudgetShare;
 use confab_protocol::sasl::decode_payload;
 use confab_protocol::{
     ns, Element, ParserLimits, StreamError, StreamErrorCondition as SErr, StreamEvent,
@@ -36,8 +37,30 @@ pub(crate) async fn accept_loop(
                 continue;
             }
         };
+        // Per address first, so that an address at its limit takes no place of the others.
+        let per_address = svc.config.max_connections_per_address;
+        let Some(address) = svc.addresses.try_acquire(peer.ip(), per_address) else {
+            tracing::warn!(%peer, limit = per_address, "too many server connections from this address, refusing");
+            continue;
+        };
+        let Ok(permit) = svc.connections.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "s2s connection limit reached, refusing");
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
-        tokio::spawn(serve(svc.clone(), tcp, peer, direct_tls));
+        let svc = svc.clone();
+        tokio::spawn(async move {
+            let _held = (permit, address);
+            serve(svc, tcp, peer, direct_tls).await;
+        });
+    }
+}
+
+/// The parser limits of an authenticated stream.
+fn full_limits(svc: &FederationService) -> ParserLimits {
+    ParserLimits {
+        max_stanza_size: svc.config.max_stanza_size,
+        max_depth: svc.config.max_depth,
     }
 }
 
@@ -82,13 +105,20 @@ async fn serve(svc: Arc<FederationService>, tcp: TcpStream, peer: SocketAddr, di
     } else {
         Conn::Plain(tcp)
     };
+    // Until a domain is authenticated, only small elements are expected (STARTTLS, SASL,
+    // dialback), and what the stream holds of an unfinished one counts against the budget
+    // all unauthenticated streams share.
     let limits = ParserLimits {
-        max_stanza_size: svc.config.max_stanza_size,
+        max_stanza_size: svc
+            .config
+            .pre_auth_stanza_size
+            .min(svc.config.max_stanza_size),
         max_depth: svc.config.max_depth,
     };
+    let share = BudgetShare::new(svc.config.pre_auth_budget.clone());
     let link_id = svc.incoming_opened(peer);
     let mut inc = Incoming {
-        s: XmlStream::new(conn, limits),
+        s: XmlStream::new(conn, limits).with_budget(share),
         svc: svc.clone(),
         peer,
         local: None,
@@ -380,6 +410,7 @@ impl Incoming {
             crate::service::AuthMethod::External,
         );
         self.authenticated.insert(domain);
+        self.s.authenticated(full_limits(&self.svc));
         self.sasl_done = true;
         self.s.restart();
         self.header_sent = false;
@@ -437,6 +468,7 @@ impl Incoming {
                 crate::service::AuthMethod::Dialback,
             );
             self.authenticated.insert(from.clone());
+            self.s.authenticated(full_limits(&self.svc));
             self.s.write_element(&answer("valid")).await
         } else {
             self.s.write_element(&answer("invalid")).await?;

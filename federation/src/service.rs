@@ -8,10 +8,11 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
+use confab_protocol::limits::ConnectionLimiter;
 use confab_protocol::Element;
 use rustls::server::ResolvesServerCert;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::FederationConfig;
@@ -83,6 +84,10 @@ pub struct FederationService {
     pub(crate) anchors: TrustAnchors,
     pub(crate) secret: DialbackSecret,
     pub(crate) server_tls: TlsAcceptor,
+    /// Incoming connections held (`max_connections`).
+    pub(crate) connections: Arc<Semaphore>,
+    /// Incoming connections by source address (`max_connections_per_address`).
+    pub(crate) addresses: ConnectionLimiter,
     this: Weak<FederationService>,
     links: Mutex<HashMap<LinkKey, LinkEntry>>,
     incoming: Mutex<HashMap<u64, IncomingEntry>>,
@@ -119,7 +124,10 @@ impl FederationService {
             DialbackSecret::from_bytes(&config.dialback_secret)
         };
         let (shutdown, _) = watch::channel(false);
+        let connections = Arc::new(Semaphore::new(config.max_connections.max(1)));
         Ok(Arc::new_cyclic(|this| FederationService {
+            connections,
+            addresses: ConnectionLimiter::new(),
             config,
             host,
             resolver,

@@ -1,18 +1,25 @@
 //! The byte and XML level of a server-to-server stream, shared by both directions.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use confab_protocol::{ns, Element, ParserLimits, StreamError, StreamEvent, StreamParser};
+use confab_protocol::limits::BudgetShare;
+use confab_protocol::{
+    ns, Element, ParserLimits, StreamError, StreamErrorCondition, StreamEvent, StreamParser,
+};
 use rustls_pki_types::CertificateDer;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::LinkError;
 
 pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest read from a connection. The buffer is on the stack of the task reading, only while
+/// data is there to read: an idle link holds no read buffer.
+const READ_BUFFER: usize = 16 * 1024;
 
 /// A link's transport, before or after TLS, in either role.
 pub(crate) enum Conn {
@@ -104,8 +111,11 @@ impl AsyncWrite for Conn {
 pub(crate) struct XmlStream {
     pub(crate) conn: Conn,
     parser: StreamParser,
-    buf: Vec<u8>,
     out: Vec<u8>,
+    /// An incoming stream's part of the budget every unauthenticated stream shares
+    /// (`limits.pre_auth_buffer_total`), until the peer authenticates a domain: while the
+    /// stream waits for more input, it holds the bytes of its unfinished element.
+    pre_auth: Option<BudgetShare>,
 }
 
 impl XmlStream {
@@ -113,9 +123,44 @@ impl XmlStream {
         XmlStream {
             conn,
             parser: StreamParser::new(limits),
-            buf: vec![0; 16 * 1024],
-            out: Vec::with_capacity(4096),
+            out: Vec::new(),
+            pre_auth: None,
         }
+    }
+
+    /// An incoming stream before authentication: what it holds of unfinished elements
+    /// counts against `share`'s budget.
+    pub(crate) fn with_budget(mut self, share: BudgetShare) -> XmlStream {
+        self.pre_auth = Some(share);
+        self
+    }
+
+    /// The peer has authenticated a domain: the stream gets its full limits and no longer
+    /// counts against the unauthenticated streams' budget.
+    pub(crate) fn authenticated(&mut self, limits: ParserLimits) {
+        self.pre_auth = None;
+        self.parser.set_limits(limits);
+    }
+
+    /// Before reading more into an unauthenticated stream: frees the parser's empty buffer
+    /// and holds the budget for what is left of an unfinished element; the stream is
+    /// closed when the budget has no room for it.
+    fn hold_unfinished(&mut self) -> Result<(), LinkError> {
+        let Some(share) = self.pre_auth.as_mut() else {
+            return Ok(());
+        };
+        self.parser.release_buffer();
+        if share.hold(self.parser.buffered()) {
+            return Ok(());
+        }
+        tracing::warn!(
+            held = self.parser.buffered(),
+            "unauthenticated streams hold their whole budget of unfinished input; closing one"
+        );
+        Err(LinkError::Stream(
+            StreamError::new(StreamErrorCondition::ResourceConstraint)
+                .with_text("too much unfinished input before authentication; try again later"),
+        ))
     }
 
     /// Forgets parser state for a stream restart (after TLS or SASL).
@@ -135,6 +180,7 @@ impl XmlStream {
                     ))
                 }
             }
+            self.hold_unfinished()?;
             self.read_more().await?;
         }
     }
@@ -148,15 +194,22 @@ impl XmlStream {
 
     /// Reads once from the socket into the parser; cancel-safe.
     pub(crate) async fn read_more(&mut self) -> Result<(), LinkError> {
-        let n = self
-            .conn
-            .read(&mut self.buf)
-            .await
-            .map_err(|e| LinkError::Io(e.to_string()))?;
-        let Some(chunk) = self.buf.get(..n).filter(|c| !c.is_empty()) else {
+        let (conn, parser) = (&mut self.conn, &mut self.parser);
+        // Bytes are taken from the connection only in the poll that hands them to the
+        // parser, so cancelling the read loses nothing.
+        let n = std::future::poll_fn(|cx| {
+            let mut space = [MaybeUninit::<u8>::uninit(); READ_BUFFER];
+            let mut rb = ReadBuf::uninit(&mut space);
+            Pin::new(&mut *conn).poll_read(cx, &mut rb).map_ok(|()| {
+                parser.feed(rb.filled());
+                rb.filled().len()
+            })
+        })
+        .await
+        .map_err(|e| LinkError::Io(e.to_string()))?;
+        if n == 0 {
             return Err(LinkError::Closed);
-        };
-        self.parser.feed(chunk);
+        }
         Ok(())
     }
 
@@ -296,6 +349,7 @@ pub(crate) async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
 
     /// An element written with `write_element` (e.g. SASL `<auth/>`) must not go out
     /// again with the next batch of stanzas (found against Prosody, which closes the

@@ -1,9 +1,11 @@
 //! XMPP protocol building blocks shared by the confab server and federation:
 //! an incremental XML stream parser, an owned element tree, stanza and stream
-//! errors, SASL message handling and JIDs. Nothing here does I/O.
+//! errors, SASL message handling, JIDs, and the accounting of what one peer may take
+//! that both listeners share (`limits`). Nothing here does I/O.
 
 pub mod element;
 pub mod error;
+pub mod limits;
 pub mod ns;
 pub mod parser;
 pub mod prep;

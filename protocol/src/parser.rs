@@ -559,6 +559,19 @@ impl StreamParser {
         self.buf.len() - self.head
     }
 
+    /// Changes the limits from the next byte on, keeping everything received. A stream
+    /// gets its full limits once the peer has authenticated; before, it needs only
+    /// small elements (STARTTLS, SASL, dialback), and many unauthenticated streams must
+    /// not be able to hold large unfinished ones.
+    pub fn set_limits(&mut self, limits: ParserLimits) {
+        self.limits = limits;
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &ParserLimits {
+        &self.limits
+    }
+
     /// Forgets everything for a stream restart: the new stream starts with a
     /// new header and its own namespace declarations (RFC 6120 §4.3.3).
     pub fn reset(&mut self) {
@@ -1891,6 +1904,34 @@ mod tests {
             XmlError::TooBig.condition(),
             StreamErrorCondition::PolicyViolation
         );
+    }
+
+    #[test]
+    fn limits_raised_mid_stream_apply_to_the_element_in_progress() {
+        let small = ParserLimits {
+            max_stanza_size: 1024,
+            max_depth: 8,
+        };
+        let mut p = StreamParser::new(small.clone());
+        p.feed(HEAD.as_bytes());
+        assert!(matches!(p.next_event(), Ok(Some(StreamEvent::Open(_)))));
+        // Half of an element larger than the small limit, then the limit is raised (the
+        // peer authenticated): the element completes, the header's namespaces still hold.
+        let big = format!("<message><body>{}</body></message>", "a".repeat(2000));
+        p.feed(&big.as_bytes()[..900]);
+        assert_eq!(p.next_event(), Ok(None));
+        p.set_limits(ParserLimits {
+            max_stanza_size: 4096,
+            ..small.clone()
+        });
+        p.feed(&big.as_bytes()[900..]);
+        match p.next_event() {
+            Ok(Some(StreamEvent::Element(e))) => assert_eq!(e.ns(), "jabber:client"),
+            other => panic!("{other:?}"),
+        }
+        // A reset keeps the limits in force.
+        p.reset();
+        assert_eq!(p.limits().max_stanza_size, 4096);
     }
 
     #[test]

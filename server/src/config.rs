@@ -97,6 +97,11 @@ pub struct S2sConfig {
     pub queue: usize,
     /// Largest stanza accepted from a server, in bytes.
     pub max_stanza_size: usize,
+    /// Simultaneous incoming server connections; further ones are refused.
+    pub max_connections: usize,
+    /// Simultaneous incoming server connections from one address (IPv6: one /64). 0: no
+    /// limit.
+    pub max_connections_per_address: usize,
     /// Trust the operating system's CA certificates for peers.
     pub use_system_roots: bool,
     /// Extra CA certificates (PEM) trusted for peers.
@@ -132,6 +137,15 @@ pub struct Limits {
     pub max_depth: usize,
     /// Simultaneous client connections; further ones are refused.
     pub max_connections: usize,
+    /// Simultaneous client connections from one address (IPv6: one /64); further ones
+    /// are refused. 0: no limit.
+    pub max_connections_per_address: usize,
+    /// Largest element a stream may send before it has authenticated, in bytes, on
+    /// client and server listeners (STARTTLS, SASL and dialback need a few hundred).
+    pub pre_auth_stanza_size: usize,
+    /// Bytes of unfinished elements that all streams not yet authenticated may hold
+    /// together (client and server listeners); a stream that would take more is closed.
+    pub pre_auth_buffer_total: usize,
     /// Stanzas queued for one session before it is considered a slow reader and disconnected.
     pub session_queue: usize,
     /// Bytes of memory (parsed stanzas) queued for one session before it is disconnected
@@ -201,6 +215,8 @@ impl Default for S2sConfig {
             idle_timeout_secs: 600,
             queue: 1000,
             max_stanza_size: 512 * 1024,
+            max_connections: 10_000,
+            max_connections_per_address: 32,
             use_system_roots: true,
             ca_files: Vec::new(),
             nameservers: Vec::new(),
@@ -224,6 +240,9 @@ impl Default for Limits {
             max_stanza_size: 256 * 1024,
             max_depth: 64,
             max_connections: 100_000,
+            max_connections_per_address: 32,
+            pre_auth_stanza_size: 16 * 1024,
+            pre_auth_buffer_total: 16 * 1024 * 1024,
             session_queue: 1024,
             session_queue_bytes: 8 * 1024 * 1024,
             max_offline_messages: 1000,
@@ -422,6 +441,21 @@ impl Config {
                 "limits.session_queue and limits.max_connections must be positive".into(),
             ));
         }
+        if self.s2s.max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "s2s.max_connections must be positive".into(),
+            ));
+        }
+        if self.limits.pre_auth_stanza_size < 4096 {
+            return Err(ConfigError::Invalid(
+                "limits.pre_auth_stanza_size must be at least 4096 bytes".into(),
+            ));
+        }
+        if self.limits.pre_auth_buffer_total < self.limits.pre_auth_stanza_size {
+            return Err(ConfigError::Invalid(
+                "limits.pre_auth_buffer_total must be at least limits.pre_auth_stanza_size".into(),
+            ));
+        }
         if self.limits.session_queue_bytes < 64 * 1024 {
             return Err(ConfigError::Invalid(
                 "limits.session_queue_bytes must be at least 65536".into(),
@@ -457,6 +491,13 @@ impl Config {
             queue: s.queue.max(1),
             max_stanza_size: s.max_stanza_size,
             max_depth: self.limits.max_depth,
+            max_connections: s.max_connections,
+            max_connections_per_address: s.max_connections_per_address,
+            pre_auth_stanza_size: self.limits.pre_auth_stanza_size,
+            // The running server hands federation its own budget, shared with clients.
+            pre_auth_budget: confab_protocol::limits::ByteBudget::new(
+                self.limits.pre_auth_buffer_total,
+            ),
             use_system_roots: s.use_system_roots,
             ca_files: s.ca_files.clone(),
             nameservers: s

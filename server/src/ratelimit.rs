@@ -2,75 +2,24 @@
 //! per minute"). The per-stream limit (`auth.max_failures_per_stream`) only makes a
 //! guesser reconnect; this one makes guessing from one address slow.
 //!
-//! A sliding window: for each address the times of its most recent failures, at most
-//! as many as the limit (older ones cannot matter). An address is refused while it has
-//! `limit` failures within the last minute. The table holds at most
+//! A sliding window ([`WindowLimiter`]) keyed by [`AddrKey`]: an address is refused while
+//! it has `limit` failures within the last minute. The table holds at most
 //! [`MAX_ADDRESSES`] addresses; beyond that the address that first appeared earliest is
 //! forgotten, so a flood of addresses costs bounded memory (it can only make the
 //! limiter forget, never refuse someone who did not fail).
 
-use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, Ipv6Addr};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::net::IpAddr;
+use std::time::Instant;
 
-/// The window failures are counted in.
-pub const WINDOW: Duration = Duration::from_secs(60);
+use confab_protocol::limits::WindowLimiter;
+pub use confab_protocol::limits::{AddrKey, WINDOW};
 
 /// Addresses remembered at most.
 pub const MAX_ADDRESSES: usize = 65_536;
 
-/// Longest run of failure times kept for one address, whatever the configured limit.
-const MAX_TIMES: usize = 1024;
-
-/// The key an address is counted under. An IPv6 host usually controls a whole /64, so
-/// its addresses count as one; an IPv4-mapped IPv6 address counts as the IPv4 address
-/// (a listener on `[::]` sees IPv4 clients that way).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct AddrKey(IpAddr);
-
-impl AddrKey {
-    pub fn new(ip: IpAddr) -> AddrKey {
-        match ip.to_canonical() {
-            IpAddr::V4(v4) => AddrKey(IpAddr::V4(v4)),
-            IpAddr::V6(v6) => {
-                let s = v6.segments();
-                AddrKey(IpAddr::V6(Ipv6Addr::new(
-                    s[0], s[1], s[2], s[3], 0, 0, 0, 0,
-                )))
-            }
-        }
-    }
-}
-
-impl std::fmt::Display for AddrKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            IpAddr::V4(a) => write!(f, "{a}"),
-            IpAddr::V6(a) => write!(f, "{a}/64"),
-        }
-    }
-}
-
-struct Entry {
-    /// Failure times, oldest first, at most the limit in force when they were added.
-    times: VecDeque<Instant>,
-    /// Which insertion this entry is, to tell stale eviction-queue items from live ones.
-    generation: u64,
-}
-
-#[derive(Default)]
-struct Table {
-    entries: HashMap<AddrKey, Entry>,
-    /// Entries in the order they were created: the eviction order.
-    order: VecDeque<(AddrKey, u64)>,
-    next_generation: u64,
-}
-
 /// Failed logins by source address.
 pub struct AuthLimiter {
-    table: Mutex<Table>,
-    capacity: usize,
+    window: WindowLimiter<AddrKey>,
 }
 
 impl Default for AuthLimiter {
@@ -82,76 +31,24 @@ impl Default for AuthLimiter {
 impl AuthLimiter {
     pub fn with_capacity(capacity: usize) -> AuthLimiter {
         AuthLimiter {
-            table: Mutex::new(Table::default()),
-            capacity: capacity.max(1),
+            window: WindowLimiter::with_capacity(capacity),
         }
     }
 
     /// Whether `ip` has used up its failures: `limit` of them within [`WINDOW`] before
     /// `now`. A limit of 0 turns the check off.
     pub fn is_blocked(&self, ip: IpAddr, limit: u32, now: Instant) -> bool {
-        if limit == 0 {
-            return false;
-        }
-        let key = AddrKey::new(ip);
-        let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(entry) = table.entries.get(&key) else {
-            return false;
-        };
-        let recent = entry
-            .times
-            .iter()
-            .filter(|t| now.saturating_duration_since(**t) < WINDOW)
-            .count();
-        recent >= limit as usize
+        self.window.is_blocked(&AddrKey::new(ip), limit, now)
     }
 
     /// Records a failed login from `ip` at `now`.
     pub fn record_failure(&self, ip: IpAddr, limit: u32, now: Instant) {
-        if limit == 0 {
-            return;
-        }
-        let keep = (limit as usize).min(MAX_TIMES);
-        let key = AddrKey::new(ip);
-        let mut guard = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        let table = &mut *guard;
-        if !table.entries.contains_key(&key) {
-            if table.entries.len() >= self.capacity {
-                table.make_room(self.capacity, now);
-            }
-            let generation = table.next_generation;
-            table.next_generation += 1;
-            table.entries.insert(
-                key,
-                Entry {
-                    times: VecDeque::new(),
-                    generation,
-                },
-            );
-            table.order.push_back((key, generation));
-        }
-        if let Some(entry) = table.entries.get_mut(&key) {
-            entry.times.push_back(now);
-            while entry.times.len() > keep {
-                entry.times.pop_front();
-            }
-        }
-        // Items of entries removed by expiry stay in `order`; keep it proportionate.
-        if table.order.len() > 2 * table.entries.len() + 64 {
-            let entries = &table.entries;
-            table
-                .order
-                .retain(|(k, g)| entries.get(k).is_some_and(|e| e.generation == *g));
-        }
+        self.window.record(&AddrKey::new(ip), limit, now)
     }
 
     /// Addresses currently remembered (for tests and statistics).
     pub fn len(&self) -> usize {
-        self.table
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entries
-            .len()
+        self.window.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -159,36 +56,10 @@ impl AuthLimiter {
     }
 }
 
-impl Table {
-    /// Frees at least one place: first every address whose failures are all older than
-    /// the window, else the oldest entry.
-    fn make_room(&mut self, capacity: usize, now: Instant) {
-        self.entries.retain(|_, e| {
-            e.times
-                .back()
-                .is_some_and(|t| now.saturating_duration_since(*t) < WINDOW)
-        });
-        while self.entries.len() >= capacity {
-            let Some((key, generation)) = self.order.pop_front() else {
-                break;
-            };
-            if self
-                .entries
-                .get(&key)
-                .is_some_and(|e| e.generation == generation)
-            {
-                self.entries.remove(&key);
-            }
-        }
-        let entries = &self.entries;
-        self.order
-            .retain(|(k, g)| entries.get(k).is_some_and(|e| e.generation == *g));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
@@ -235,8 +106,6 @@ mod tests {
             l.record_failure(a, 1000, t0);
             assert!(l.len() <= 100);
         }
-        let order = l.table.lock().unwrap().order.len();
-        assert!(order <= 2 * 100 + 64, "eviction queue grew to {order}");
         // The newest addresses are still remembered, the oldest forgotten.
         assert!(l.is_blocked(
             IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + 9_999)),
@@ -244,13 +113,6 @@ mod tests {
             t0
         ));
         assert!(!l.is_blocked(IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000)), 1, t0));
-        // Failure times per address are bounded by the limit.
-        let a = ip("198.51.100.1");
-        for _ in 0..50 {
-            l.record_failure(a, 5, t0);
-        }
-        let table = l.table.lock().unwrap();
-        assert_eq!(table.entries[&AddrKey::new(a)].times.len(), 5);
     }
 
     #[test]

@@ -35,6 +35,11 @@ pub struct Server {
     pub modules: Modules,
     pub started: Instant,
     pub connections: Arc<Semaphore>,
+    /// Client connections by source address (`limits.max_connections_per_address`).
+    pub c2s_addresses: confab_protocol::limits::ConnectionLimiter,
+    /// What unauthenticated streams, client and server, may hold of unfinished elements
+    /// together (`limits.pre_auth_buffer_total`).
+    pub pre_auth_budget: Arc<confab_protocol::limits::ByteBudget>,
     /// Counters for `confab stats` and the metrics endpoint.
     pub stats: crate::ops::Stats,
     /// Failed logins by source address (`limits.auth_failures_per_minute`).
@@ -100,6 +105,10 @@ impl Server {
         let (shutdown, _) = watch::channel(false);
         Ok(Arc::new(Server {
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
+            c2s_addresses: Default::default(),
+            pre_auth_budget: confab_protocol::limits::ByteBudget::new(
+                config.limits.pre_auth_buffer_total,
+            ),
             config: std::sync::RwLock::new(Arc::new(config)),
             config_path: std::sync::OnceLock::new(),
             on_reload: std::sync::OnceLock::new(),
@@ -167,6 +176,8 @@ impl Server {
         if new.domains != old.domains {
             notes.push(format!("domains: {}", new.domains.join(", ")));
         }
+        self.pre_auth_budget
+            .set_limit(new.limits.pre_auth_buffer_total);
         let new = Arc::new(new);
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = new.clone();
         if let Some(hook) = self.on_reload.get() {
@@ -281,7 +292,8 @@ impl RunningServer {
             tracing::info!("{note}");
         }
         if config.s2s.enabled {
-            let fed_config = config.federation().map_err(StartError::FederationIo)?;
+            let mut fed_config = config.federation().map_err(StartError::FederationIo)?;
+            fed_config.pre_auth_budget = server.pre_auth_budget.clone();
             let host = Arc::new(FederationHost(Arc::downgrade(&server)));
             let federation = FederationService::new(fed_config, host, server.certs.resolver())?;
             let (plain, tls) = federation.start_listeners().await?;

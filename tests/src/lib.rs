@@ -483,6 +483,15 @@ impl Client {
         Ok(Client::new(ClientConn::Plain(tcp)))
     }
 
+    /// [`Client::connect`] from the local address `source` (127.0.0.2 and so on are
+    /// loopback addresses too, so a test can be several clients' addresses).
+    pub async fn connect_from(source: std::net::IpAddr, addr: SocketAddr) -> Result<Client> {
+        let tcp = connect_from(source, addr).await?;
+        let mut c = Client::new(ClientConn::Plain(tcp));
+        c.open_stream().await?;
+        Ok(c)
+    }
+
     /// Connects to the direct-TLS port (XEP-0368) and opens a stream.
     pub async fn connect_tls(addr: SocketAddr, pki: &TestPki) -> Result<Client> {
         let tcp = tokio::time::timeout(TIMEOUT, TcpStream::connect(addr)).await??;
@@ -1005,6 +1014,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawStream<S> {
         }
         Ok(f)
     }
+}
+
+/// A TCP connection to `addr` from the local address `source`, within [`TIMEOUT`].
+pub async fn connect_from(source: std::net::IpAddr, addr: SocketAddr) -> Result<TcpStream> {
+    let socket = match source {
+        std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket
+        .bind(SocketAddr::new(source, 0))
+        .with_context(|| format!("binding to {source}"))?;
+    Ok(tokio::time::timeout(TIMEOUT, socket.connect(addr)).await??)
 }
 
 /// A chat message stanza.

@@ -485,16 +485,59 @@ async fn stanza_before_authentication_is_not_authorized() -> Result<()> {
     p.round_trip("unauthenticated").await
 }
 
+/// The first bytes of a message to bob of `len` bytes in all (the rest is up to the caller).
+fn big_message_head(len: usize) -> Vec<u8> {
+    let mut big = format!("<message from='x@{A}' to='bob@{B}'><body>").into_bytes();
+    big.resize(len, b'x');
+    big
+}
+
+/// Before a domain is authenticated only small elements are expected (STARTTLS, SASL,
+/// dialback): past 16 KiB (`limits.pre_auth_stanza_size`) a stanza is a policy violation.
+/// Once the link is authenticated, by certificate or by dialback, stanzas of up to 512 KiB
+/// (`s2s.max_stanza_size`) are taken: 100 KiB is delivered, 513 KiB is refused.
 #[tokio::test]
-async fn stanza_over_512_kib_is_a_policy_violation() -> Result<()> {
+async fn stanza_size_is_16_kib_before_authentication_and_512_kib_after() -> Result<()> {
     let p = pair().await?;
     let mut raw = RawS2s::connect(p.b_s2s()).await?;
     raw.open(Some(A), B).await?;
-    let mut big = format!("<message from='x@{A}' to='bob@{B}'><body>").into_bytes();
-    big.resize(big.len() + 512 * 1024 + 1024, b'x');
     // The server may stop reading once the limit is passed: a failed write is fine.
-    let _ = raw.send_raw(&big).await;
+    let _ = raw.send_raw(&big_message_head(17 * 1024)).await;
     assert_eq!(raw.expect_closed().await?, stream_error("policy-violation"));
+
+    let mut bob = p.b.online_at(B, "bob", "pw-bob", "big").await?;
+    let body = "y".repeat(100 * 1024);
+    let big = s2s_message(&format!("carol@{A}"), &format!("bob@{B}"), &body);
+    // By certificate.
+    let (mut raw, _) = RawS2s::secured(&p, Some(A), Some(A)).await?;
+    let outcome = raw.external(A).await?;
+    assert!(outcome.is("success", ns::SASL), "{outcome}");
+    raw.open(Some(A), B).await?;
+    raw.send(&big).await?;
+    bob.expect_body(&body).await?;
+    let _ = raw.send_raw(&big_message_head(513 * 1024)).await;
+    assert_eq!(raw.expect_closed().await?, stream_error("policy-violation"));
+    // By dialback, with the key a's secret gives for this stream (XEP-0185), so that a
+    // confirms it when b asks.
+    let secret = std::fs::read(p.a.config.data_dir.join("dialback.secret"))?;
+    let (mut raw, _) = RawS2s::secured(&p, Some(A), None).await?;
+    let stream_id = raw
+        .header
+        .as_ref()
+        .and_then(|h| h.id.clone())
+        .context("b's header has no id")?;
+    let key = dialback_key(&DialbackSecret::from_bytes(&secret), B, A, &stream_id);
+    raw.send(
+        &Element::new("result", ns::DIALBACK)
+            .with_attr("from", A)
+            .with_attr("to", B)
+            .with_text(key),
+    )
+    .await?;
+    let answer = raw.expect(|e| e.is("result", ns::DIALBACK)).await?;
+    assert_eq!(answer.attr("type"), Some("valid"), "{answer}");
+    raw.send(&big).await?;
+    bob.expect_body(&body).await?;
     p.round_trip("too-big").await
 }
 

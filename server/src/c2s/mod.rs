@@ -27,6 +27,14 @@ pub async fn accept_loop(server: Arc<Server>, listener: TcpListener, direct_tls:
                 continue;
             }
         };
+        // Per address first, so that an address at its limit takes no place of the others:
+        // one address alone cannot hold every connection until the login timeout.
+        let per_address = server.config().limits.max_connections_per_address;
+        let Some(address) = server.c2s_addresses.try_acquire(peer.ip(), per_address) else {
+            tracing::warn!(%peer, limit = per_address, "too many connections from this address, refusing");
+            drop(tcp);
+            continue;
+        };
         let Ok(permit) = server.connections.clone().try_acquire_owned() else {
             tracing::warn!(%peer, "connection limit reached, refusing");
             drop(tcp);
@@ -35,7 +43,7 @@ pub async fn accept_loop(server: Arc<Server>, listener: TcpListener, direct_tls:
         let _ = tcp.set_nodelay(true);
         let server = server.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _held = (permit, address);
             stream::run(server, tcp, peer, direct_tls).await;
         });
     }

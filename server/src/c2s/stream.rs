@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use confab_protocol::limits::BudgetShare;
 use confab_protocol::sasl::{
     decode_payload, encode_payload, parse_plain, verify_password, ChannelBindings, SaslError,
     ScramHash, ScramKeys, ScramServer,
@@ -134,6 +135,10 @@ struct C2sStream {
     conn: Conn,
     peer: SocketAddr,
     parser: StreamParser,
+    /// Until authentication: this stream's part of the budget every unauthenticated
+    /// stream shares (`limits.pre_auth_buffer_total`), held for the bytes of an unfinished
+    /// element while the stream waits for more.
+    pre_auth: BudgetShare,
     throttle: Option<Throttle>,
     header_sent: bool,
     domain: Option<String>,
@@ -170,8 +175,13 @@ pub(super) async fn run(server: Arc<Server>, tcp: TcpStream, peer: SocketAddr, d
     } else {
         Conn::Plain(tcp)
     };
+    // Before authentication a client sends STARTTLS and SASL only: small elements.
     let limits = ParserLimits {
-        max_stanza_size: server.config().limits.max_stanza_size,
+        max_stanza_size: server
+            .config()
+            .limits
+            .pre_auth_stanza_size
+            .min(server.config().limits.max_stanza_size),
         max_depth: server.config().limits.max_depth,
     };
     let mut s = C2sStream {
@@ -179,6 +189,7 @@ pub(super) async fn run(server: Arc<Server>, tcp: TcpStream, peer: SocketAddr, d
         conn,
         peer,
         parser: StreamParser::new(limits),
+        pre_auth: BudgetShare::new(server.pre_auth_budget.clone()),
         throttle: Throttle::new(
             server.config().limits.client_read_rate,
             server.config().limits.max_stanza_size,
@@ -235,6 +246,7 @@ impl C2sStream {
                     ))
                 }
             }
+            self.hold_unfinished()?;
             let n = read_some(&mut self.conn, &mut self.parser, &mut self.throttle)
                 .await
                 .map_err(|_| End::Eof)?;
@@ -242,6 +254,28 @@ impl C2sStream {
                 return Err(End::Eof);
             }
         }
+    }
+
+    /// Before reading more on a stream that has not authenticated: frees the parser's
+    /// empty buffer and holds the shared budget for what is left of an unfinished element,
+    /// so that many half-sent elements cannot together take more than the budget.
+    fn hold_unfinished(&mut self) -> Result<(), End> {
+        if self.authenticated.is_some() {
+            return Ok(());
+        }
+        self.parser.release_buffer();
+        if self.pre_auth.hold(self.parser.buffered()) {
+            return Ok(());
+        }
+        tracing::warn!(
+            peer = %self.peer,
+            held = self.parser.buffered(),
+            "unauthenticated streams hold their whole budget of unfinished input; closing one"
+        );
+        Err(End::error(
+            SErr::ResourceConstraint,
+            "too much unfinished input before authentication; try again later",
+        ))
     }
 
     async fn write_bytes(&mut self, data: &[u8]) -> Result<(), End> {
@@ -579,6 +613,13 @@ impl C2sStream {
                 self.write_element(&success).await?;
                 tracing::debug!(%bare, peer = %self.peer, "authenticated");
                 self.authenticated = Some(bare);
+                // Authenticated: the full stanza size, and nothing held of the budget.
+                self.pre_auth.hold(0);
+                let limits = &self.server.config().limits;
+                self.parser.set_limits(ParserLimits {
+                    max_stanza_size: limits.max_stanza_size,
+                    max_depth: limits.max_depth,
+                });
                 self.parser.reset();
                 self.header_sent = false;
                 Ok(true)
