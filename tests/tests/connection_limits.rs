@@ -554,6 +554,102 @@ async fn unfinished_stanzas_before_login_are_bounded_per_address_and_in_total() 
     Ok(())
 }
 
+/// One address opens streams and says nothing more. Without a per-address limit
+/// (`max_connections_per_address = 0`) it takes all 24 places of `max_connections` and
+/// everyone else is refused until the login timeout; with a limit of 16 it gets 16, its
+/// 200 further attempts are each refused at once, and a client from another address logs
+/// in and is answered promptly while a logged-in client stays connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_take_every_connection() -> Result<()> {
+    const MAX: usize = 24;
+    const PER_ADDRESS: usize = 16;
+    const ATTEMPTS: usize = 200;
+    const AT_ONCE: usize = 50;
+    // The test's time, not the build of the binary it runs.
+    let _ = confab_bin();
+    let started = Instant::now();
+    let users = [("alice", "wonderland"), ("carol", "probing")];
+
+    // The attack as it was: no per-address limit.
+    let open = Limited::start(
+        &format!("max_connections = {MAX}\nmax_connections_per_address = 0"),
+        "",
+        &users,
+    )
+    .await?;
+    let idle = open_all([local(1)].into_iter(), MAX, open.c2s(), "jabber:client").await?;
+    let locked_out = Raw::open(local(2), open.c2s(), "jabber:client").await?;
+    assert!(
+        locked_out.is_none(),
+        "without a per-address limit the test shows no lock-out"
+    );
+    drop(idle);
+    open.stop().await?;
+
+    let s = Limited::start(
+        &format!("max_connections = {MAX}\nmax_connections_per_address = {PER_ADDRESS}"),
+        "",
+        &users,
+    )
+    .await?;
+    let probe = Probe::start(s.login_from(local(3), "carol", "probing", "probe").await?);
+    let idle = open_all(
+        [local(1)].into_iter(),
+        PER_ADDRESS,
+        s.c2s(),
+        "jabber:client",
+    )
+    .await?;
+    let mut slowest_refusal = Duration::ZERO;
+    for _ in 0..ATTEMPTS / AT_ONCE {
+        let mut batch = JoinSet::new();
+        for _ in 0..AT_ONCE {
+            let addr = s.c2s();
+            batch.spawn(async move {
+                let t = Instant::now();
+                let served = Raw::open(local(1), addr, "jabber:client").await?;
+                ensure!(
+                    served.is_none(),
+                    "a connection over the per-address limit was served"
+                );
+                Ok(t.elapsed())
+            });
+        }
+        while let Some(r) = batch.join_next().await {
+            slowest_refusal = slowest_refusal.max(r??);
+        }
+    }
+    let t = Instant::now();
+    let mut alice = s
+        .login_from(local(2), "alice", "wonderland", "phone")
+        .await?;
+    alice.ping().await?;
+    let login = t.elapsed();
+    let slowest_ping = probe.finish(Duration::from_secs(1)).await?;
+    assert!(
+        slowest_refusal < Duration::from_secs(2),
+        "a refusal took {slowest_refusal:?}"
+    );
+    assert!(
+        login < Duration::from_secs(5),
+        "a login from another address took {login:?}"
+    );
+    drop(idle);
+    let log = s.stop().await?;
+    let refusals = log
+        .iter()
+        .filter(|l| l.contains("too many connections from this address"))
+        .count();
+    assert_eq!(refusals, ATTEMPTS, "one refusal logged per attempt");
+    println!(
+        "one address: {PER_ADDRESS} idle held of {MAX}, {ATTEMPTS} more refused (slowest \
+         {slowest_refusal:.1?}); login from another address {login:.1?}; probe's slowest \
+         ping {slowest_ping:.1?}; test {:.1?}",
+        started.elapsed()
+    );
+    Ok(())
+}
+
 // ---- server connections ------------------------------------------------------------------
 
 /// The s2s listener had no connection limit at all (300 of 300 served with
