@@ -41,6 +41,8 @@ pub struct FederationConfig {
     /// What unauthenticated streams may hold of unfinished elements, all together; the
     /// server passes the budget its client listeners use, so the total covers both.
     pub pre_auth_budget: Arc<ByteBudget>,
+    /// Dialback verifications started per minute for one claimed domain. 0: no limit.
+    pub dialback_per_domain_per_minute: u32,
     pub use_system_roots: bool,
     pub ca_files: Vec<PathBuf>,
     /// DNS servers to ask; empty means the system resolver.
@@ -67,6 +69,7 @@ impl Default for FederationConfig {
             max_connections_per_address: 32,
             pre_auth_stanza_size: 16 * 1024,
             pre_auth_budget: ByteBudget::new(16 * 1024 * 1024),
+            dialback_per_domain_per_minute: 30,
             use_system_roots: true,
             ca_files: Vec::new(),
             nameservers: Vec::new(),

@@ -445,6 +445,28 @@ impl Incoming {
             self.s.write_element(&refusal).await?;
             return Ok(());
         }
+        if self.authenticated.contains(&from) {
+            // Proved on this stream already: nothing to ask its authoritative server again.
+            return self.s.write_element(&answer("valid")).await;
+        }
+        // Each verification is an outgoing connection to the server of the domain the peer
+        // claims: without a limit, anyone could make us connect to a domain of their
+        // choosing as often as they like.
+        let per_minute = self.svc.config.dialback_per_domain_per_minute;
+        if !self
+            .svc
+            .dialback_starts
+            .try_record(&from, per_minute, std::time::Instant::now())
+        {
+            tracing::warn!(peer = %self.peer, domain = %from, "too many dialback requests for this domain; refusing");
+            let refusal = answer("error").with_child(
+                Element::new("error", ns::SERVER)
+                    .with_attr("type", "wait")
+                    .with_child(Element::new("resource-constraint", ns::STANZAS)),
+            );
+            self.s.write_element(&refusal).await?;
+            return Ok(());
+        }
         let key = el.text();
         let valid = match verify_dialback(&self.svc, &to, &from, &self.stream_id, key.trim()).await
         {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
-use confab_protocol::limits::ConnectionLimiter;
+use confab_protocol::limits::{ConnectionLimiter, WindowLimiter};
 use confab_protocol::Element;
 use rustls::server::ResolvesServerCert;
 use tokio::net::TcpListener;
@@ -20,6 +20,10 @@ use crate::dialback::DialbackSecret;
 use crate::dns::Resolver;
 use crate::verify::{client_config, incoming_client_verifier, TrustAnchors};
 use crate::{Federation, FederationError, Host};
+
+/// Claimed domains whose dialback verifications are remembered at most (the oldest is
+/// forgotten first).
+const DIALBACK_DOMAINS: usize = 4096;
 
 /// How a link's domain was authenticated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,6 +92,8 @@ pub struct FederationService {
     pub(crate) connections: Arc<Semaphore>,
     /// Incoming connections by source address (`max_connections_per_address`).
     pub(crate) addresses: ConnectionLimiter,
+    /// Dialback verifications started per claimed domain (`dialback_per_domain_per_minute`).
+    pub(crate) dialback_starts: WindowLimiter<String>,
     this: Weak<FederationService>,
     links: Mutex<HashMap<LinkKey, LinkEntry>>,
     incoming: Mutex<HashMap<u64, IncomingEntry>>,
@@ -128,6 +134,7 @@ impl FederationService {
         Ok(Arc::new_cyclic(|this| FederationService {
             connections,
             addresses: ConnectionLimiter::new(),
+            dialback_starts: WindowLimiter::with_capacity(DIALBACK_DOMAINS),
             config,
             host,
             resolver,

@@ -102,6 +102,9 @@ pub struct S2sConfig {
     /// Simultaneous incoming server connections from one address (IPv6: one /64). 0: no
     /// limit.
     pub max_connections_per_address: usize,
+    /// Dialback verifications (each an outgoing connection) started per minute for one
+    /// claimed remote domain; further requests are answered with an error. 0: no limit.
+    pub dialback_per_domain_per_minute: u32,
     /// Trust the operating system's CA certificates for peers.
     pub use_system_roots: bool,
     /// Extra CA certificates (PEM) trusted for peers.
@@ -217,6 +220,7 @@ impl Default for S2sConfig {
             max_stanza_size: 512 * 1024,
             max_connections: 10_000,
             max_connections_per_address: 32,
+            dialback_per_domain_per_minute: 30,
             use_system_roots: true,
             ca_files: Vec::new(),
             nameservers: Vec::new(),
@@ -498,6 +502,7 @@ impl Config {
             pre_auth_budget: confab_protocol::limits::ByteBudget::new(
                 self.limits.pre_auth_buffer_total,
             ),
+            dialback_per_domain_per_minute: s.dialback_per_domain_per_minute,
             use_system_roots: s.use_system_roots,
             ca_files: s.ca_files.clone(),
             nameservers: s

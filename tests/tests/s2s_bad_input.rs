@@ -762,6 +762,76 @@ async fn db_verify_confirms_only_keys_we_issued() -> Result<()> {
     p.round_trip("db-verify").await
 }
 
+/// Each `<db:result>` makes b connect to the claimed domain's authoritative server to
+/// verify the key (XEP-0220 §2.1.2): with `dialback_per_domain_per_minute = 3`, a peer
+/// claiming d.test gets three verifications, each a connection to d.test's server (here a
+/// listener that counts connections and closes them, so each fails), then its further
+/// requests are answered with `resource-constraint` and no connection is made. Another
+/// claimed domain is still verified, and federation between a and b goes on.
+#[tokio::test]
+async fn dialback_verifications_are_limited_per_claimed_domain() -> Result<()> {
+    const PER_MINUTE: usize = 3;
+    let p = pair_with(|c| c.s2s.dialback_per_domain_per_minute = PER_MINUTE as u32).await?;
+    let mut connections = Vec::new();
+    for domain in ["d.test", "e.test"] {
+        let listener = tokio::net::TcpListener::bind((LOOPBACK, 0)).await?;
+        let host = format!("xmpp.{domain}");
+        p.dns.add_srv(
+            &format!("_xmpp-server._tcp.{domain}"),
+            0,
+            5,
+            listener.local_addr()?.port(),
+            &host,
+        );
+        p.dns.add_a(&host, LOOPBACK);
+        let (count, seen) = tokio::sync::watch::channel(0usize);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                // Counted before the close that ends b's verification attempt.
+                count.send_modify(|n| *n += 1);
+                drop(tcp);
+            }
+        });
+        connections.push(seen);
+    }
+    let result = |from: &str| {
+        Element::new("result", ns::DIALBACK)
+            .with_attr("from", from)
+            .with_attr("to", B)
+            .with_text("0".repeat(64))
+    };
+    let condition = |answer: &Element| {
+        answer
+            .get_child("error", ns::SERVER)
+            .and_then(|e| e.children().find(|c| c.ns() == ns::STANZAS))
+            .map(|c| c.name().to_string())
+            .unwrap_or_default()
+    };
+    let (mut raw, _) = RawS2s::secured(&p, Some("d.test"), None).await?;
+    let mut after_allowed = 0;
+    for i in 0..PER_MINUTE + 3 {
+        raw.send(&result("d.test")).await?;
+        let answer = raw.expect(|e| e.is("result", ns::DIALBACK)).await?;
+        assert_eq!(answer.attr("type"), Some("error"), "{answer}");
+        let made = *connections[0].borrow();
+        if i < PER_MINUTE {
+            assert_eq!(condition(&answer), "remote-server-not-found", "{answer}");
+            assert!(made > i, "verification {i} made no connection");
+            after_allowed = made;
+        } else {
+            assert_eq!(condition(&answer), "resource-constraint", "{answer}");
+            assert_eq!(made, after_allowed, "a refused request made a connection");
+        }
+    }
+    // The limit is per claimed domain.
+    raw.send(&result("e.test")).await?;
+    let answer = raw.expect(|e| e.is("result", ns::DIALBACK)).await?;
+    assert_eq!(condition(&answer), "remote-server-not-found", "{answer}");
+    assert!(*connections[1].borrow() >= 1);
+    assert_eq!(*connections[0].borrow(), after_allowed);
+    p.round_trip("dialback-limit").await
+}
+
 // ---------------------------------------------------------------------------------------
 // Transport-level oddities.
 
