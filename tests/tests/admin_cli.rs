@@ -624,3 +624,39 @@ async fn login(
     c.bind(Some(resource)).await?;
     Ok(c)
 }
+
+/// The admin socket reads one request line per connection: a connection that sends
+/// nothing used to be kept for ever. Now ten that say nothing are each closed after the
+/// read timeout (5 s), and `confab status` is answered while they wait.
+#[tokio::test]
+async fn silent_admin_connections_are_closed_and_others_are_served() -> Result<()> {
+    use tokio::io::AsyncReadExt;
+    let s = setup(None)?;
+    let Served {
+        mut child,
+        drain: _drain,
+        ..
+    } = spawn_serve(&s.config).await?;
+    let socket = s.data().join("admin.sock");
+    let opened = std::time::Instant::now();
+    let mut silent = Vec::new();
+    for _ in 0..10 {
+        silent.push(tokio::net::UnixStream::connect(&socket).await?);
+    }
+    let status = run(&s, &["status"], "").await?;
+    assert_ok(&status);
+    assert!(text(&status.stdout).contains("status: running"));
+    for mut c in silent {
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(15), c.read_to_end(&mut got)).await??;
+        assert!(got.is_empty(), "a silent connection got {got:?}");
+    }
+    let waited = opened.elapsed();
+    assert!(
+        waited >= Duration::from_secs(4) && waited < Duration::from_secs(12),
+        "silent admin connections were closed after {waited:?}"
+    );
+    assert_ok(&run(&s, &["stop"], "").await?);
+    tokio::time::timeout(Duration::from_secs(15), child.wait()).await??;
+    Ok(())
+}

@@ -19,6 +19,17 @@ use crate::server::Server;
 /// Largest request line accepted (a JID and a password fit many times over).
 const MAX_REQUEST: u64 = 64 * 1024;
 
+/// How long a connection may take to send its request line. The command line writes it
+/// at once (a password is read before it connects), so a connection that says nothing for
+/// this long is stuck or hostile and is closed.
+pub const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long the answer may take to be written to a command line that does not read it.
+const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Admin connections served at once; more are closed at once.
+const MAX_CONNECTIONS: usize = 64;
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
@@ -90,13 +101,21 @@ pub fn bind(data_dir: &Path) -> std::io::Result<UnixListener> {
 
 /// Serves admin requests until the task is aborted. `stop` is notified by `Stop`.
 pub async fn serve(server: Arc<Server>, listener: UnixListener, stop: Arc<tokio::sync::Notify>) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
+            // Out of file descriptors and similar: back off instead of spinning.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            continue;
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::warn!("too many admin connections at once, refusing one");
             continue;
         };
         let server = server.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             if let Err(e) = connection(server, stream, stop).await {
                 tracing::debug!(error = %e, "admin connection failed");
             }
@@ -112,7 +131,11 @@ async fn connection(
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST));
-    reader.read_line(&mut line).await?;
+    tokio::time::timeout(READ_TIMEOUT, reader.read_line(&mut line))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "no request line in time")
+        })??;
     let response = match serde_json::from_str::<Request>(line.trim_end()) {
         Ok(req) => {
             let is_stop = req == Request::Stop;
@@ -126,8 +149,12 @@ async fn connection(
     };
     let mut out = serde_json::to_vec(&response).unwrap_or_default();
     out.push(b'\n');
-    write.write_all(&out).await?;
-    write.shutdown().await
+    tokio::time::timeout(WRITE_TIMEOUT, async {
+        write.write_all(&out).await?;
+        write.shutdown().await
+    })
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "answer not read in time"))?
 }
 
 fn ago(t: SystemTime) -> String {
