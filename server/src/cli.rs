@@ -635,8 +635,14 @@ async fn serve(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     admin_task.abort();
     let _ = std::fs::remove_file(crate::admin::socket_path(&config.data_dir));
     tracing::info!("shutting down");
-    running.shutdown().await;
-    Ok(())
+    // A failed final flush is an exit with failure, so that a supervisor (systemd's
+    // Restart=on-failure, a script checking `$?`) sees that data may be lost.
+    running.close().await.map_err(|e| {
+        tracing::error!(error = %e, "flushing storage at shutdown failed");
+        anyhow::anyhow!(
+            "flushing the store at shutdown failed ({e}): writes made since the last successful flush may be lost"
+        )
+    })
 }
 
 async fn wait_for_stop() {

@@ -347,8 +347,17 @@ impl RunningServer {
         })
     }
 
-    /// Stops accepting, closes every stream with `system-shutdown`, flushes storage.
+    /// Stops accepting, closes every stream with `system-shutdown`, flushes storage; a
+    /// failed flush is logged (see [`RunningServer::close`] to act on it).
     pub async fn shutdown(self) {
+        if let Err(e) = self.close().await {
+            tracing::error!(error = %e, "flushing storage at shutdown failed");
+        }
+    }
+
+    /// [`RunningServer::shutdown`], returning the result of the final flush of the store:
+    /// an error means that writes made since the last successful flush may not be on disk.
+    pub async fn close(self) -> Result<(), confab_storage::StorageError> {
         self.server.shutdown.send_replace(true);
         if let Some(f) = self.server.federation.get() {
             f.shutdown();
@@ -361,9 +370,7 @@ impl RunningServer {
         while self.server.router.session_count() > 0 && Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
-        if let Err(e) = self.server.storage.flush().await {
-            tracing::error!(error = %e, "flushing storage at shutdown failed");
-        }
+        self.server.storage.flush().await
     }
 }
 

@@ -1109,6 +1109,14 @@ struct GroupCommit {
     epoch: watch::Sender<u64>,
     /// Successful flushes, for tests and diagnostics.
     flushes: AtomicU64,
+    /// The first failed flush. After an I/O error sled 0.34 refuses every write until the store is opened
+    /// again (its "global error"), and what was in the buffer it failed to write is not on disk. Its flush
+    /// looks at that error only when something is left to write (`make_stable` returns success first when
+    /// its stable position has reached the last reservation); rather than rely on the failed buffer always
+    /// counting as left to write, once a flush has failed every later one fails too, so that no caller,
+    /// the final flush at shutdown included, hears that data is durable after some was lost. It costs
+    /// nothing sled would have allowed: no write succeeds before the store is opened again.
+    failed: std::sync::OnceLock<String>,
 }
 
 #[derive(Default)]
@@ -1128,6 +1136,7 @@ impl GroupCommit {
             state: Mutex::new(CommitState::default()),
             epoch: watch::Sender::new(0),
             flushes: AtomicU64::new(0),
+            failed: std::sync::OnceLock::new(),
         }
     }
 
@@ -1154,6 +1163,11 @@ impl GroupCommit {
                 let mut st = self.lock();
                 if st.durable >= ticket {
                     return Ok(());
+                }
+                if let Some(e) = self.failed.get() {
+                    return Err(backend(format_args!(
+                        "the store takes no writes until it is opened again, after an earlier flush failed: {e}"
+                    )));
                 }
                 if st.flushing {
                     None
@@ -1204,6 +1218,7 @@ impl GroupCommit {
             handoff.1 = Some(target);
         } else if let Err(e) = &result {
             tracing::error!(error = %e, "storage flush failed");
+            let _ = self.failed.set(e.to_string());
         }
         drop(handoff);
         result
@@ -1741,6 +1756,96 @@ mod tests {
             assert!(next > last);
             assert_eq!(s.offline_count(&owner).await.unwrap(), 1);
         }
+    }
+
+    /// Once a flush failed (here: the log cannot grow past the process's file size limit, as on a full
+    /// disk), every later flush fails too, the final one of a clean close included; and the store opens
+    /// again, without the limit, with everything acknowledged before, and takes writes.
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn after_a_failed_flush_every_flush_fails() {
+        use std::io::{BufRead, BufReader, Write};
+        const CHILD_ENV: &str = "CONFAB_STORAGE_FULL_CHILD_DIR";
+        if let Ok(dir) = std::env::var(CHILD_ENV) {
+            let s = SledStorage::open(Path::new(&dir)).unwrap();
+            let mut out = std::io::stdout().lock();
+            let body = vec![b'x'; 8192];
+            for i in 0..1000 {
+                match s.push_offline("a@x", body.clone(), usize::MAX).await {
+                    Ok(seq) => writeln!(out, "ack {seq}").unwrap(),
+                    Err(e) => {
+                        writeln!(out, "failed at {i}: {e}").unwrap();
+                        break;
+                    }
+                }
+            }
+            for _ in 0..20 {
+                let flushed = s.commit.wait().await;
+                writeln!(out, "flush {}", if flushed.is_ok() { "ok" } else { "err" }).unwrap();
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            let flushed = s.flush().await;
+            writeln!(out, "flush {}", if flushed.is_ok() { "ok" } else { "err" }).unwrap();
+            out.flush().unwrap();
+            return;
+        }
+
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SledStorage::open(dir.path()).unwrap();
+            s.create_account("a@x", vec![]).await.unwrap();
+        }
+        // At most one segment of sled's log (512 KiB, 1024 blocks of 512 bytes), which the store above
+        // fits in; SIGXFSZ ignored, so that a write past the limit fails with EFBIG instead of killing the
+        // child.
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("trap '' XFSZ; ulimit -f 1024 && exec \"$@\"")
+            .arg("sh")
+            .arg(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "sled::tests::after_a_failed_flush_every_flush_fails",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_ENV, dir.path())
+            .stderr(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let lines: Vec<String> = BufReader::new(&out.stdout[..])
+            .lines()
+            .map(|l| l.unwrap())
+            .collect();
+        let acked: Vec<u64> = lines
+            .iter()
+            .filter_map(|l| l.strip_prefix("ack ")?.parse().ok())
+            .collect();
+        assert!(
+            lines.iter().any(|l| l.starts_with("failed at ")),
+            "{lines:?}"
+        );
+        assert!(!acked.is_empty(), "{lines:?}");
+        let flushes: Vec<&String> = lines.iter().filter(|l| l.starts_with("flush ")).collect();
+        assert_eq!(flushes.len(), 21, "{lines:?}");
+        assert!(flushes.iter().all(|l| *l == "flush err"), "{flushes:?}");
+        let s = SledStorage::open(dir.path()).unwrap();
+        let stored: Vec<u64> = s
+            .offline_messages("a@x")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(seq, _)| seq)
+            .collect();
+        for seq in &acked {
+            assert!(
+                stored.contains(seq),
+                "acknowledged #{seq} lost; stored {stored:?}"
+            );
+        }
+        s.push_offline("a@x", b"after".to_vec(), usize::MAX)
+            .await
+            .unwrap();
     }
 
     /// A killed process never leads to a sequence number used twice, even when the messages that had those
